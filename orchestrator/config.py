@@ -1,0 +1,277 @@
+"""Configuration: one typed place, defaults as named constants.
+
+A ``FolioConfig`` is built from defaults, then a TOML file (``--config``), then CLI
+flags, in that order. Each section is a frozen dataclass; stage code takes its
+section and never hard-codes a number.
+
+Usage::
+
+    cfg = FolioConfig()                                   # defaults
+    cfg = load_config(Path("folio.toml"))                 # file over defaults
+    cfg = cfg.override({"sources.dpi": 150, "sink.batch_rows": 800})
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orchestrator.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+DEFAULT_DPI = 200
+# 2400 dpi A4 is ~ 560 MP; 35000 x 35000 is 1.2 GP. 200 MP admits any sane scan.
+DEFAULT_MAX_PIXELS = 200_000_000
+DEFAULT_IMAGE_EXTENSIONS = (
+    ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".jp2", ".j2k", ".jpx", ".bmp",
+)
+DEFAULT_PDF_EXTENSIONS = (".pdf",)
+
+# The CDLA PP-PicoDet model is trained at a stretched 800 x 608 (H x W) input.
+LAYOUT_INPUT_HEIGHT = 800
+LAYOUT_INPUT_WIDTH = 608
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+DEFAULT_LABEL_TASKS: dict[str, str] = {
+    "text": "text",
+    "title": "text",
+    "figure_caption": "text",
+    "table_caption": "text",
+    "caption": "text",
+    "reference": "text",
+    "table": "table",
+    "equation": "formula",
+    "formula": "formula",
+    "figure": "skip",
+    "header": "abandon",
+    "footer": "abandon",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class SourceConfig:
+    dpi: int = DEFAULT_DPI
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    image_extensions: tuple[str, ...] = DEFAULT_IMAGE_EXTENSIONS
+    pdf_extensions: tuple[str, ...] = DEFAULT_PDF_EXTENSIONS
+    image_column: str = "image"  # Arrow/Parquet shards: the {bytes, path} column
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeConfig:
+    device: str = "auto"  # "cpu" | "gpu" | "auto" (gpu when CUDA is visible)
+    device_id: int = 0
+    threads: int = 1
+    batch_size: int = 4
+    input_height: int = LAYOUT_INPUT_HEIGHT
+    input_width: int = LAYOUT_INPUT_WIDTH
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+@dataclass(frozen=True, slots=True)
+class LayoutConfig:
+    backend: str = "inprocess"  # "inprocess" | "triton"
+    model_dir: Path = REPO_ROOT / "build" / "models"
+    precision: str = "auto"  # "fp32" | "bf16" | "auto" (bf16 on GPU, fp32 on CPU)
+    batch_size: int = 4
+    threads: int = 1
+    score_threshold: float = 0.5
+    class_score_thresholds: dict[str, float] = field(default_factory=dict)
+    nms_iou: float = 0.5
+    top_k_per_level: int = 1000
+    # A box whose area lies this much inside a higher-scoring box of the same task is dropped.
+    containment: float = 0.9
+    label_tasks: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_LABEL_TASKS))
+    # Reading order: a box narrower than this share of the page is a column candidate.
+    column_max_width: float = 0.6
+
+
+@dataclass(frozen=True, slots=True)
+class TritonConfig:
+    url: str = "127.0.0.1:8001"
+    model_name: str = "folio_layout"
+    max_in_flight: int = 8
+    timeout_s: float = 60.0
+    retries: int = 5
+    ready_wait_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class CropConfig:
+    margin_px: int = 4
+    min_side_px: int = 4
+
+
+@dataclass(frozen=True, slots=True)
+class RecognizeConfig:
+    engine: str = "rapidocr"  # "rapidocr" | "vllm"
+    workers: int = 2
+    threads: int = 1
+    det_limit_side_len: int = 960
+    # Crops whose height is at most this many times a text line go straight to rec-only.
+    single_line_max_height_px: int = 64
+
+
+@dataclass(frozen=True, slots=True)
+class VLLMConfig:
+    url: str = "http://127.0.0.1:8012"
+    model: str | None = None  # None: the server's first model
+    profile: str = "glm-ocr"
+    max_in_flight: int = 32
+    timeout_s: float = 120.0
+    retries: int = 4
+    dead_server_wait_s: float = 60.0
+    ttft_sla_s: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class SinkConfig:
+    batch_rows: int = 800
+    queue_pages: int = 256
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineConfig:
+    queue_pages: int = 8
+    limit: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FolioConfig:
+    sources: SourceConfig = field(default_factory=SourceConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    layout: LayoutConfig = field(default_factory=LayoutConfig)
+    triton: TritonConfig = field(default_factory=TritonConfig)
+    crop: CropConfig = field(default_factory=CropConfig)
+    recognize: RecognizeConfig = field(default_factory=RecognizeConfig)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    sink: SinkConfig = field(default_factory=SinkConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+
+    def override(self, values: dict[str, Any]) -> FolioConfig:
+        """Return a copy with dotted keys (``"section.field"``) replaced; None values skipped."""
+        nested: dict[str, dict[str, Any]] = {}
+        for key, value in values.items():
+            if value is None:
+                continue
+            section, _, name = key.partition(".")
+            if not name:
+                raise ConfigError(f"config key {key!r} must be 'section.field'")
+            nested.setdefault(section, {})[name] = value
+        return _apply(self, nested)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(dataclasses.asdict(self))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _coerce(section: str, f: dataclasses.Field[Any], current: Any, value: Any) -> Any:
+    where = f"{section}.{f.name}"
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if isinstance(current, Path):
+        return Path(os.path.expanduser(str(value)))
+    if isinstance(current, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return tuple(value)
+    if isinstance(current, dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a table, got {value!r}")
+        return {**current, **value}
+    if isinstance(current, int) and not isinstance(value, bool):
+        if isinstance(value, int):
+            return value
+        raise ConfigError(f"{where} must be an integer, got {value!r}")
+    if isinstance(current, float):
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where} must be a number, got {value!r}")
+    if current is None or isinstance(current, str):
+        if value is not None and not isinstance(value, str | int):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _apply(cfg: FolioConfig, nested: dict[str, dict[str, Any]]) -> FolioConfig:
+    changes: dict[str, Any] = {}
+    for section, values in nested.items():
+        if section not in {f.name for f in dataclasses.fields(cfg)}:
+            raise ConfigError(f"unknown config section [{section}]")
+        current = getattr(cfg, section)
+        fields = {f.name: f for f in dataclasses.fields(current)}
+        updates: dict[str, Any] = {}
+        for name, value in values.items():
+            if name not in fields:
+                raise ConfigError(f"unknown config key {section}.{name}")
+            updates[name] = _coerce(section, fields[name], getattr(current, name), value)
+        changes[section] = dataclasses.replace(current, **updates)
+    result = dataclasses.replace(cfg, **changes)
+    validate(result)
+    return result
+
+
+def validate(cfg: FolioConfig) -> None:
+    """Reject values no stage can run with; message names the key."""
+    checks: list[tuple[bool, str]] = [
+        (cfg.sources.dpi > 0, "sources.dpi must be > 0"),
+        (cfg.sources.max_pixels > 0, "sources.max_pixels must be > 0"),
+        (cfg.decode.device in ("cpu", "gpu", "auto"), "decode.device must be cpu|gpu|auto"),
+        (cfg.decode.batch_size >= 1, "decode.batch_size must be >= 1"),
+        (cfg.layout.backend in ("inprocess", "triton"), "layout.backend must be inprocess|triton"),
+        (cfg.layout.precision in ("fp32", "bf16", "auto"), "layout.precision must be fp32|bf16|auto"),
+        (cfg.layout.batch_size >= 1, "layout.batch_size must be >= 1"),
+        (0.0 < cfg.layout.nms_iou <= 1.0, "layout.nms_iou must be in (0, 1]"),
+        (cfg.recognize.engine in ("rapidocr", "vllm"), "recognize.engine must be rapidocr|vllm"),
+        (cfg.recognize.workers >= 1, "recognize.workers must be >= 1"),
+        (cfg.crop.margin_px >= 0, "crop.margin_px must be >= 0"),
+        (1 <= cfg.sink.batch_rows <= 100_000, "sink.batch_rows must be in 1..100000"),
+        (cfg.pipeline.queue_pages >= 1, "pipeline.queue_pages must be >= 1"),
+        (cfg.pipeline.limit is None or cfg.pipeline.limit >= 1, "pipeline.limit must be >= 1"),
+    ]
+    for task in cfg.layout.label_tasks.values():
+        checks.append((task in ("text", "table", "formula", "skip", "abandon"),
+                       f"layout.label_tasks: unknown task {task!r}"))
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def load_config(path: Path | None, base: FolioConfig | None = None) -> FolioConfig:
+    """Defaults, overlaid with a TOML file's ``[section]`` tables when a path is given."""
+    cfg = base or FolioConfig()
+    if path is None:
+        validate(cfg)
+        return cfg
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    flat: dict[str, Any] = {}
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path}: top-level key {section!r} must be a table")
+        for name, value in values.items():
+            flat[f"{section}.{name}"] = value
+    return cfg.override(flat)
