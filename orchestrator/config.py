@@ -135,6 +135,8 @@ class VLLMConfig:
 class SinkConfig:
     batch_rows: int = 800
     queue_pages: int = 256
+    # A batch is committed after this long even when under batch_rows (slow runs persist).
+    flush_interval_s: float = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,13 +240,16 @@ def validate(cfg: FolioConfig) -> None:
         (cfg.decode.device in ("cpu", "gpu", "auto"), "decode.device must be cpu|gpu|auto"),
         (cfg.decode.batch_size >= 1, "decode.batch_size must be >= 1"),
         (cfg.layout.backend in ("inprocess", "triton"), "layout.backend must be inprocess|triton"),
-        (cfg.layout.precision in ("fp32", "bf16", "auto"), "layout.precision must be fp32|bf16|auto"),
+        (cfg.layout.precision in ("fp32", "bf16", "auto"),
+         "layout.precision must be fp32|bf16|auto"),
         (cfg.layout.batch_size >= 1, "layout.batch_size must be >= 1"),
         (0.0 < cfg.layout.nms_iou <= 1.0, "layout.nms_iou must be in (0, 1]"),
         (cfg.recognize.engine in ("rapidocr", "vllm"), "recognize.engine must be rapidocr|vllm"),
         (cfg.recognize.workers >= 1, "recognize.workers must be >= 1"),
         (cfg.crop.margin_px >= 0, "crop.margin_px must be >= 0"),
         (1 <= cfg.sink.batch_rows <= 100_000, "sink.batch_rows must be in 1..100000"),
+        (cfg.sink.queue_pages >= 1, "sink.queue_pages must be >= 1"),
+        (cfg.sink.flush_interval_s > 0, "sink.flush_interval_s must be > 0"),
         (cfg.pipeline.queue_pages >= 1, "pipeline.queue_pages must be >= 1"),
         (cfg.pipeline.limit is None or cfg.pipeline.limit >= 1, "pipeline.limit must be >= 1"),
     ]

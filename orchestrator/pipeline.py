@@ -1,0 +1,402 @@
+"""The pipeline: stages connected by bounded queues, so they overlap.
+
+    reader --q--> decode --q--> layout --q--> crop+recognize (N workers) --> sink writer
+
+Each arrow is a bounded queue (``pipeline.queue_pages``), so memory stays bounded
+whatever the source size. Every page ends as exactly one ``PageOutcome`` handed to the
+sink: ok, or an error row with its reason. Pages already ``ok`` in the database are
+skipped before they are read, so a re-run resumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from orchestrator.config import FolioConfig
+from orchestrator.crop import region_tasks
+from orchestrator.decode import Decoder
+from orchestrator.errors import FolioError, PageError
+from orchestrator.recognize import Recognizer, make_recognizer
+from orchestrator.types import (
+    DecodedPage,
+    EncodedPage,
+    LayoutResult,
+    PageOutcome,
+    RecognitionResult,
+    Region,
+)
+
+log = logging.getLogger("folio.pipeline")
+
+STAGES = ("read", "decode", "layout", "crop", "recognize")
+
+
+class LayoutBackend(Protocol):
+    """Finds the regions of a batch of decoded pages (in-process or over Triton)."""
+
+    name: str
+    manifest: dict[str, Any]
+
+    def detect(
+        self, pages: Sequence[DecodedPage], encoded: Sequence[EncodedPage]
+    ) -> list[LayoutResult | PageError]: ...
+
+    def close(self) -> None: ...
+
+
+class InProcessLayout:
+    """The TorchScript layout model and post-processing in this process."""
+
+    name = "inprocess"
+
+    def __init__(self, cfg: FolioConfig, device: str) -> None:
+        from orchestrator.layout import LayoutModel
+
+        self._cfg = cfg.layout
+        self._model = LayoutModel(cfg.layout, device="cuda" if device == "gpu" else "cpu")
+        self.manifest: dict[str, Any] = dict(getattr(self._model, "manifest", {}))
+
+    def detect(
+        self, pages: Sequence[DecodedPage], encoded: Sequence[EncodedPage]
+    ) -> list[LayoutResult | PageError]:
+        from orchestrator.layout import layout_result
+
+        start = time.perf_counter()
+        batch = np.stack([p.model_input for p in pages])
+        detections = self._model.detect(batch, [(p.height, p.width) for p in pages])
+        per_page = (time.perf_counter() - start) / len(pages)
+        results: list[LayoutResult | PageError] = []
+        for page, det in zip(pages, detections, strict=True):
+            result = layout_result(det, self._model.labels, self._cfg, page.width, page.height)
+            result.layout_s = per_page
+            results.append(result)
+        return results
+
+    def close(self) -> None:
+        pass
+
+
+def make_layout_backend(cfg: FolioConfig, device: str) -> LayoutBackend:
+    if cfg.layout.backend == "triton":
+        from client.triton_layout import TritonLayoutBackend
+
+        return TritonLayoutBackend(cfg)
+    return InProcessLayout(cfg, device)
+
+
+@dataclass(slots=True)
+class RunSummary:
+    db: Path
+    run_id: int
+    pages: int = 0
+    ok: int = 0
+    errors: int = 0
+    resumed: int = 0  # pages already ok in the database, skipped
+    skipped_files: int = 0
+    regions: int = 0
+    recognized: int = 0
+    elapsed_s: float = 0.0
+    stage_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    recognition: dict[str, Any] = field(default_factory=dict)
+    first_errors: list[str] = field(default_factory=list)
+
+    @property
+    def pages_per_s(self) -> float:
+        return self.pages / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every page is ok, 3 when some failed (their error rows are stored)."""
+        return 3 if self.errors else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pages": self.pages,
+            "ok": self.ok,
+            "errors": self.errors,
+            "resumed": self.resumed,
+            "skipped_files": self.skipped_files,
+            "regions": self.regions,
+            "recognized": self.recognized,
+            "elapsed_s": round(self.elapsed_s, 3),
+            "pages_per_s": round(self.pages_per_s, 3),
+            "stage_s": {k: round(v, 3) for k, v in self.stage_s.items()},
+            "recognition": self.recognition,
+        }
+
+
+_DONE = object()  # end-of-stream marker passed down the queues
+
+
+def cap_threads(cfg: FolioConfig) -> None:
+    """Keep each stage's native thread pools small so stages don't oversubscribe cores."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(var, str(cfg.layout.threads))
+    import cv2
+    import torch
+
+    torch.set_num_threads(cfg.layout.threads)
+    # Raises once set in this process (e.g. a second Pipeline): keep the first value.
+    with contextlib.suppress(RuntimeError):
+        torch.set_num_interop_threads(1)
+    cv2.setNumThreads(1)
+
+
+class Pipeline:
+    """Runs sources through every stage into a sink. One instance per run."""
+
+    def __init__(
+        self,
+        cfg: FolioConfig,
+        *,
+        layout: LayoutBackend | None = None,
+        recognizer: Recognizer | None = None,
+        decoder: Decoder | None = None,
+    ) -> None:
+        cap_threads(cfg)
+        self.cfg = cfg
+        self.decoder = decoder or Decoder(cfg.decode, cfg.sources)
+        self.layout = layout or make_layout_backend(cfg, self.decoder.device)
+        self.recognizer = recognizer or make_recognizer(cfg)
+
+    def manifest(self) -> dict[str, Any]:
+        from importlib.metadata import PackageNotFoundError, version
+
+        packages: dict[str, str | None] = {}
+        for name in ("folio-ocr", "torch", "nvidia-dali-cuda120", "onnxruntime", "rapidocr",
+                     "pypdfium2", "numpy", "pyarrow"):
+            try:
+                packages[name] = version(name)
+            except PackageNotFoundError:
+                packages[name] = None
+        return {
+            "layout": {"backend": self.layout.name, **self.layout.manifest},
+            "recognizer": {"name": self.recognizer.name,
+                           "model": getattr(self.recognizer, "model", None)},
+            "decode_device": self.decoder.device,
+            "packages": packages,
+        }
+
+    def close(self) -> None:
+        self.layout.close()
+        self.recognizer.close()
+
+    def run(
+        self,
+        sources: Sequence[str | Path],
+        db: Path,
+        *,
+        on_page: Callable[[PageOutcome], None] | None = None,
+    ) -> RunSummary:
+        from orchestrator.sink import SQLiteSink
+        from orchestrator.sources import open_sources
+
+        source_set = open_sources(list(sources), self.cfg.sources)
+        with SQLiteSink(db, self.cfg.sink) as sink:
+            run_id = sink.start_run(self.cfg.to_dict(), self.manifest(), source_set.sources)
+            done = sink.done_pages()
+            summary = RunSummary(db=db, run_id=run_id, skipped_files=source_set.skipped_files)
+            counted = _Counter(summary)
+
+            def skip(ref: Any) -> bool:
+                if ref in done:
+                    summary.resumed += 1
+                    return True
+                return False
+
+            def emit(outcome: PageOutcome) -> None:
+                sink.submit(outcome)
+                counted.add(outcome)
+                if on_page is not None:
+                    on_page(outcome)
+
+            start = time.perf_counter()
+            self._run_stages(source_set.pages(skip=skip), emit)
+            summary.elapsed_s = time.perf_counter() - start
+            metrics = getattr(self.recognizer, "metrics", None)
+            if callable(metrics):
+                summary.recognition = metrics()
+            sink.finish_run(run_id, summary.to_dict())
+        return summary
+
+    # -- stages ---------------------------------------------------------------------
+
+    def _run_stages(
+        self, pages: Iterator[EncodedPage], emit: Callable[[PageOutcome], None]
+    ) -> None:
+        size = self.cfg.pipeline.queue_pages
+        to_decode: queue.Queue[Any] = queue.Queue(size)
+        to_layout: queue.Queue[Any] = queue.Queue(size)
+        to_recognize: queue.Queue[Any] = queue.Queue(size)
+        failures: list[BaseException] = []
+        workers = self.cfg.recognize.workers
+
+        def guarded(target: Callable[[], None]) -> Callable[[], None]:
+            def body() -> None:
+                try:
+                    target()
+                except BaseException as exc:  # a stage bug: stop the run, report it
+                    failures.append(exc)
+                    log.exception("pipeline stage failed")
+            return body
+
+        def reader() -> None:
+            limit = self.cfg.pipeline.limit
+            count = 0
+            try:
+                for page in pages:
+                    if page.error is not None:
+                        emit(_error_outcome(page.ref, page.error, {"read": page.read_s}))
+                    else:
+                        to_decode.put(page)
+                    count += 1
+                    if (limit is not None and count >= limit) or failures:
+                        break
+            finally:
+                to_decode.put(_DONE)
+
+        def decoder() -> None:
+            try:
+                for batch in _batches(to_decode, self.decoder.batch_size):
+                    for page, out in zip(batch, self.decoder.decode(batch), strict=True):
+                        if isinstance(out, PageError):
+                            emit(_error_outcome(page.ref, str(out), {"read": page.read_s}))
+                        else:
+                            to_layout.put((page, out))
+            finally:
+                to_layout.put(_DONE)
+
+        def layout() -> None:
+            try:
+                for batch in _batches(to_layout, self.cfg.layout.batch_size):
+                    encoded = [e for e, _ in batch]
+                    decoded = [d for _, d in batch]
+                    try:
+                        results = self.layout.detect(decoded, encoded)
+                    except FolioError as exc:
+                        results = [PageError(f"layout failed: {exc}")] * len(batch)
+                    for page, result in zip(decoded, results, strict=True):
+                        if isinstance(result, PageError):
+                            emit(_error_outcome(page.ref, str(result), _times(page)))
+                        else:
+                            to_recognize.put((page, result))
+            finally:
+                for _ in range(workers):
+                    to_recognize.put(_DONE)
+
+        def recognizer() -> None:
+            while (item := to_recognize.get()) is not _DONE:
+                page, result = item
+                emit(self._recognize_page(page, result))
+
+        threads = [threading.Thread(target=guarded(fn), name=f"folio-{name}", daemon=True)
+                   for name, fn in (("read", reader), ("decode", decoder), ("layout", layout))]
+        threads += [threading.Thread(target=guarded(recognizer), name=f"folio-rec-{i}",
+                                     daemon=True) for i in range(workers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if failures:
+            raise failures[0]
+
+    def _recognize_page(self, page: DecodedPage, layout: LayoutResult) -> PageOutcome:
+        start = time.perf_counter()
+        tasks = region_tasks(page, layout, self.cfg.crop)
+        crop_s = time.perf_counter() - start
+        start = time.perf_counter()
+        results = self.recognizer.recognize(tasks) if tasks else []
+        recognize_s = time.perf_counter() - start
+        by_index: dict[int, RecognitionResult] = {
+            t.region.index: r for t, r in zip(tasks, results, strict=True)
+        }
+        regions: list[tuple[Region, RecognitionResult | None]] = [
+            (region, by_index.get(region.index)) for region in layout.regions
+        ]
+        failed = [r.error for r in results if r.error]
+        timings = {**_times(page), "layout": layout.layout_s, "crop": crop_s,
+                   "recognize": recognize_s}
+        error = None
+        if failed:
+            # The page stays retryable: a re-run redoes it and replaces its regions.
+            error = f"{len(failed)} of {len(results)} regions failed: {failed[0]}"
+        return PageOutcome(
+            ref=page.ref,
+            status="error" if failed else "ok",
+            error=error,
+            width=page.width,
+            height=page.height,
+            regions=regions,
+            timings=timings,
+        )
+
+
+class _Counter:
+    """Folds outcomes into the summary; called from several stage threads."""
+
+    def __init__(self, summary: RunSummary) -> None:
+        self._summary = summary
+        self._lock = threading.Lock()
+
+    def add(self, outcome: PageOutcome) -> None:
+        with self._lock:
+            s = self._summary
+            s.pages += 1
+            if outcome.status == "ok":
+                s.ok += 1
+            else:
+                s.errors += 1
+                if len(s.first_errors) < 10:
+                    s.first_errors.append(f"{outcome.ref}: {outcome.error}")
+            s.regions += len(outcome.regions)
+            s.recognized += sum(1 for _, r in outcome.regions if r is not None and r.text)
+            for stage, seconds in outcome.timings.items():
+                s.stage_s[stage] = s.stage_s.get(stage, 0.0) + seconds
+
+
+def _times(page: DecodedPage) -> dict[str, float]:
+    return {"read": page.read_s, "decode": page.decode_s}
+
+
+def _error_outcome(ref: Any, error: str, timings: dict[str, float]) -> PageOutcome:
+    return PageOutcome(ref=ref, status="error", error=error, width=None, height=None,
+                       regions=[], timings=timings)
+
+
+def _batches(q: queue.Queue[Any], max_size: int) -> Iterator[list[Any]]:
+    """Yield batches of up to ``max_size`` items: block for the first, take what's ready."""
+    while True:
+        item = q.get()
+        if item is _DONE:
+            return
+        batch = [item]
+        while len(batch) < max_size:
+            try:
+                item = q.get_nowait()
+            except queue.Empty:
+                break
+            if item is _DONE:
+                yield batch
+                return
+            batch.append(item)
+        yield batch
+
+
+def run(sources: Sequence[str | Path], db: Path, cfg: FolioConfig) -> RunSummary:
+    """OCR ``sources`` into the SQLite database ``db``: the Python twin of ``folio run``."""
+    pipeline = Pipeline(cfg)
+    try:
+        return pipeline.run(sources, db)
+    finally:
+        pipeline.close()

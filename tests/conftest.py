@@ -1,0 +1,25 @@
+"""Shared test fixtures: the workplace corpus and the layout model artifacts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CORPUS = REPO_ROOT.parent / "shared" / "corpus"
+MODEL_DIR = REPO_ROOT / "build" / "models"
+
+
+@pytest.fixture(scope="session")
+def corpus_dir() -> Path:
+    """The real documents beside the checkout (used in place, never copied in)."""
+    assert (CORPUS / "pages").is_dir(), f"corpus not found at {CORPUS}"
+    return CORPUS
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    """Layout artifacts built by `make models` (make test depends on it)."""
+    assert (MODEL_DIR / "manifest.json").is_file(), "run `make models` first"
+    return MODEL_DIR

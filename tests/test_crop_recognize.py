@@ -1,0 +1,101 @@
+"""Crop and recognize stages on real pages (layout-independent)."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from orchestrator.config import CropConfig, RecognizeConfig
+from orchestrator.crop import crop_bounds, crop_region, region_tasks
+from orchestrator.recognize import RapidOCRRecognizer, Recognizer, _lines_in_order
+from orchestrator.types import DecodedPage, LayoutResult, PageRef, Region, RegionTask, Task
+
+
+def word_f1(found: str, expected: str) -> float:
+    """F1 over the multisets of lower-case words."""
+    a = Counter(re.findall(r"\w+", found.lower()))
+    b = Counter(re.findall(r"\w+", expected.lower()))
+    common = sum((a & b).values())
+    if not common:
+        return 0.0
+    precision, recall = common / sum(a.values()), common / sum(b.values())
+    return 2 * precision * recall / (precision + recall)
+
+
+def _region(index: int, bbox: tuple[float, float, float, float], task: Task = Task.TEXT,
+            polygon: tuple[tuple[float, float], ...] | None = None) -> Region:
+    return Region(index=index, label="text", task=task, score=0.9, bbox=bbox, polygon=polygon)
+
+
+def test_crop_bounds_pad_and_clip() -> None:
+    assert crop_bounds((10.2, 20.7, 50.5, 60.0), 100, 100, 4) == (6, 16, 55, 64)
+    assert crop_bounds((-5, -5, 120, 130), 100, 80, 4) == (0, 0, 100, 80)
+
+
+def test_polygon_crop_masks_outside_to_white() -> None:
+    image = np.zeros((100, 100, 3), np.uint8)
+    triangle = ((10.0, 10.0), (90.0, 10.0), (10.0, 90.0))
+    region = _region(0, (10, 10, 90, 90), polygon=triangle)
+    crop = crop_region(image, region, CropConfig(margin_px=0))
+    assert crop is not None and crop.shape == (80, 80, 3)
+    assert crop[5, 5].tolist() == [0, 0, 0]  # inside the triangle: page pixels
+    assert crop[75, 75].tolist() == [255, 255, 255]  # outside: paper
+
+
+def test_region_tasks_skip_figures_and_tiny_boxes() -> None:
+    image = np.full((200, 200, 3), 255, np.uint8)
+    page = DecodedPage(ref=PageRef("p", 1), image=image,
+                       model_input=np.zeros((3, 8, 8), np.float32))
+    layout = LayoutResult(width=200, height=200, regions=[
+        _region(0, (10, 10, 100, 50)), _region(1, (10, 60, 100, 150), Task.SKIP),
+        _region(2, (150, 150, 151, 151)), _region(3, (10, 160, 190, 190), Task.TABLE),
+    ])
+    tasks = region_tasks(page, layout, CropConfig(margin_px=0, min_side_px=4))
+    assert [t.region.index for t in tasks] == [0, 3]
+    assert tasks[1].task is Task.TABLE
+    assert tasks[0].image.shape == (40, 90, 3)
+
+
+def test_lines_are_read_top_to_bottom_left_to_right() -> None:
+    def box(x0: float, y0: float, x1: float, y1: float) -> list[list[float]]:
+        return [[x0, y0], [x1, y0], [x1, y1], [x0, y1]]
+    boxes = np.array([box(200, 12, 300, 30), box(0, 50, 100, 70), box(0, 10, 100, 30)])
+    assert _lines_in_order(boxes, ["right", "second", "left"]) == ["left right", "second"]
+
+
+@pytest.fixture(scope="module")
+def recognizer() -> RapidOCRRecognizer:
+    return RapidOCRRecognizer(RecognizeConfig(threads=2))
+
+
+def test_rapidocr_reads_the_linn_columns(recognizer: RapidOCRRecognizer,
+                                         corpus_dir: Path) -> None:
+    """Recognition alone, on hand-cut halves of the page, reads what linn.txt says."""
+    image = cv2.imread(str(corpus_dir / "pages" / "linn.png"))
+    h, w = image.shape[:2]
+    assert isinstance(recognizer, Recognizer)
+    tasks = [RegionTask(ref=PageRef("linn", 1), region=_region(i, box), image=image[y0:y1, x0:x1])
+             for i, box in enumerate([(0, 0, w, h // 3), (0, h // 3, w // 2, 2 * h // 3),
+                                      (w // 2, h // 3, w, 2 * h // 3), (0, 2 * h // 3, w, h)])
+             for x0, y0, x1, y1 in [tuple(int(v) for v in box)]]
+    results = recognizer.recognize(tasks)
+    assert all(r.error is None for r in results)
+    text = "\n".join(r.text or "" for r in results)
+    expected = (corpus_dir / "pages" / "linn.txt").read_text(encoding="utf-8")
+    assert word_f1(text, expected) >= 0.9
+    assert results[0].stats["model"].startswith("rapidocr")
+
+
+def test_a_failing_region_is_an_error_result_not_a_crash(recognizer: RapidOCRRecognizer) -> None:
+    bad = RegionTask(ref=PageRef("x", 1), region=_region(0, (0, 0, 1, 1)),
+                     image=np.zeros((0, 0, 3), np.uint8))
+    good = RegionTask(ref=PageRef("x", 1), region=_region(1, (0, 0, 10, 10)),
+                      image=np.full((100, 100, 3), 255, np.uint8))
+    out = recognizer.recognize([bad, good])
+    assert out[0].text is None and out[0].error
+    assert out[1].error is None and out[1].text == ""
