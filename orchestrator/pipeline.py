@@ -257,7 +257,7 @@ class Pipeline:
             try:
                 for page in pages:
                     if page.error is not None:
-                        emit(_error_outcome(page.ref, page.error, {"read": page.read_s}))
+                        emit(_error_outcome(page.ref, page.error, {"read_s": page.read_s}))
                     else:
                         to_decode.put(page)
                     count += 1
@@ -271,7 +271,7 @@ class Pipeline:
                 for batch in _batches(to_decode, self.decoder.batch_size):
                     for page, out in zip(batch, self.decoder.decode(batch), strict=True):
                         if isinstance(out, PageError):
-                            emit(_error_outcome(page.ref, str(out), {"read": page.read_s}))
+                            emit(_error_outcome(page.ref, str(out), {"read_s": page.read_s}))
                         else:
                             to_layout.put((page, out))
             finally:
@@ -325,8 +325,8 @@ class Pipeline:
             (region, by_index.get(region.index)) for region in layout.regions
         ]
         failed = [r.error for r in results if r.error]
-        timings = {**_times(page), "layout": layout.layout_s, "crop": crop_s,
-                   "recognize": recognize_s}
+        timings = {**_times(page), "layout_s": layout.layout_s, "crop_s": crop_s,
+                   "recognize_s": recognize_s}
         error = None
         if failed:
             # The page stays retryable: a re-run redoes it and replaces its regions.
@@ -361,12 +361,13 @@ class _Counter:
                     s.first_errors.append(f"{outcome.ref}: {outcome.error}")
             s.regions += len(outcome.regions)
             s.recognized += sum(1 for _, r in outcome.regions if r is not None and r.text)
-            for stage, seconds in outcome.timings.items():
+            for key, seconds in outcome.timings.items():
+                stage = key.removesuffix("_s")
                 s.stage_s[stage] = s.stage_s.get(stage, 0.0) + seconds
 
 
 def _times(page: DecodedPage) -> dict[str, float]:
-    return {"read": page.read_s, "decode": page.decode_s}
+    return {"read_s": page.read_s, "decode_s": page.decode_s}
 
 
 def _error_outcome(ref: Any, error: str, timings: dict[str, float]) -> PageOutcome:

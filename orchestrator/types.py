@@ -146,4 +146,5 @@ class PageOutcome:
     width: int | None
     height: int | None
     regions: list[tuple[Region, RecognitionResult | None]]
+    # Seconds per stage: read_s, decode_s, layout_s, crop_s, recognize_s.
     timings: dict[str, float] = field(default_factory=dict)

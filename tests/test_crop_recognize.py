@@ -2,29 +2,17 @@
 
 from __future__ import annotations
 
-import re
-from collections import Counter
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from textmetrics import word_f1
 
 from orchestrator.config import CropConfig, RecognizeConfig
 from orchestrator.crop import crop_bounds, crop_region, region_tasks
 from orchestrator.recognize import RapidOCRRecognizer, Recognizer, _lines_in_order
 from orchestrator.types import DecodedPage, LayoutResult, PageRef, Region, RegionTask, Task
-
-
-def word_f1(found: str, expected: str) -> float:
-    """F1 over the multisets of lower-case words."""
-    a = Counter(re.findall(r"\w+", found.lower()))
-    b = Counter(re.findall(r"\w+", expected.lower()))
-    common = sum((a & b).values())
-    if not common:
-        return 0.0
-    precision, recall = common / sum(a.values()), common / sum(b.values())
-    return 2 * precision * recall / (precision + recall)
 
 
 def _region(index: int, bbox: tuple[float, float, float, float], task: Task = Task.TEXT,

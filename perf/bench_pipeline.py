@@ -1,0 +1,121 @@
+"""End-to-end pages/s: the pipeline vs a naive loop over the same models, in one run.
+
+The naive loop is what the systems we replace do: one page at a time, each stage after
+the other, every library left at its default thread count (all cores). The pipeline
+overlaps the stages with bounded queues and gives each stage a capped thread pool.
+Each mode runs in its own subprocess (thread settings are per process), on the same
+pages, alternating, after a warm-up page.
+
+    .venv/bin/python perf/bench_pipeline.py [--pages N] [--rounds R] [SOURCE...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_SOURCES = [
+    REPO.parent / "shared" / "corpus" / "pages" / name
+    for name in ("typewriter.png", "baiona.png", "multipage.pdf", "cardinal.pdf", "epson.pdf")
+]
+
+
+def _naive(sources: list[str], db: Path, limit: int) -> dict[str, float]:
+    from orchestrator.config import FolioConfig
+    from orchestrator.crop import region_tasks
+    from orchestrator.decode import Decoder
+    from orchestrator.pipeline import InProcessLayout
+    from orchestrator.recognize import RapidOCRRecognizer
+    from orchestrator.sink import SQLiteSink
+    from orchestrator.sources import open_sources
+    from orchestrator.types import PageOutcome
+
+    cores = os.cpu_count() or 1
+    cfg = FolioConfig().override({"decode.threads": cores, "decode.batch_size": 1,
+                                  "layout.threads": cores, "recognize.threads": cores})
+    import torch
+
+    torch.set_num_threads(cores)
+    decoder = Decoder(cfg.decode, cfg.sources)
+    layout = InProcessLayout(cfg, "cpu")
+    recognizer = RapidOCRRecognizer(cfg.recognize)
+    pages = 0
+    with SQLiteSink(db, cfg.sink) as sink:
+        start = time.perf_counter()
+        for encoded in open_sources(sources, cfg.sources).pages():
+            if pages >= limit:
+                break
+            pages += 1
+            (decoded,) = decoder.decode([encoded])
+            assert not isinstance(decoded, Exception), decoded
+            (result,) = layout.detect([decoded], [encoded])
+            assert not isinstance(result, Exception), result
+            tasks = region_tasks(decoded, result, cfg.crop)
+            texts = dict(zip((t.region.index for t in tasks), recognizer.recognize(tasks),
+                             strict=True))
+            sink.write_batch([PageOutcome(
+                ref=decoded.ref, status="ok", error=None, width=decoded.width,
+                height=decoded.height, regions=[(r, texts.get(r.index)) for r in result.regions],
+            )])
+        elapsed = time.perf_counter() - start
+    return {"pages": pages, "elapsed_s": elapsed}
+
+
+def _pipeline(sources: list[str], db: Path, limit: int) -> dict[str, float]:
+    from orchestrator.config import FolioConfig
+    from orchestrator.pipeline import Pipeline
+
+    cfg = FolioConfig().override({"pipeline.limit": limit})
+    pipeline = Pipeline(cfg)
+    try:
+        summary = pipeline.run(sources, db)
+    finally:
+        pipeline.close()
+    assert summary.errors == 0, summary.first_errors
+    return {"pages": summary.pages, "elapsed_s": summary.elapsed_s}
+
+
+def _child(mode: str, sources: list[str], limit: int) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        runner = _naive if mode == "naive" else _pipeline
+        # Warm-up: load models and first-call allocations outside the timed run.
+        runner(sources, Path(tmp) / "warm.db", 1)
+        return runner(sources, Path(tmp) / "bench.db", limit)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("sources", nargs="*", default=[str(s) for s in DEFAULT_SOURCES])
+    parser.add_argument("--pages", type=int, default=14)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--child", choices=["naive", "pipeline"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(_child(args.child, args.sources, args.pages)))
+        return
+    results: dict[str, list[dict[str, float]]] = {"naive": [], "pipeline": []}
+    for _ in range(args.rounds):
+        for mode in ("naive", "pipeline"):
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", mode, "--pages", str(args.pages),
+                 *args.sources], check=True, capture_output=True, text=True, cwd=REPO,
+            ).stdout.strip().splitlines()[-1]
+            result = json.loads(out)
+            results[mode].append(result)
+            print(f"{mode:9s} {result['pages']} pages in {result['elapsed_s']:.1f} s = "
+                  f"{result['pages'] / result['elapsed_s']:.3f} pages/s", flush=True)
+    rate = {m: sum(r["pages"] for r in rs) / sum(r["elapsed_s"] for r in rs)
+            for m, rs in results.items()}
+    print(f"pipeline / naive = {rate['pipeline'] / rate['naive']:.2f}x "
+          f"({rate['pipeline']:.3f} vs {rate['naive']:.3f} pages/s, {os.cpu_count()} cores)")
+
+
+if __name__ == "__main__":
+    main()
