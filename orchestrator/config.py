@@ -91,6 +91,16 @@ class LayoutConfig:
     label_tasks: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_LABEL_TASKS))
     # Reading order: a box narrower than this share of the page is a column candidate.
     column_max_width: float = 0.6
+    # Reading order: boxes of neighbouring columns may overlap by this share of the page
+    # width (detector slop across the gutter) and still count as separate columns.
+    column_overlap: float = 0.02
+    # The model's input size (must match the artifacts' manifest) and its detection strides.
+    input_height: int = LAYOUT_INPUT_HEIGHT
+    input_width: int = LAYOUT_INPUT_WIDTH
+    strides: tuple[int, ...] = (8, 16, 32, 64)
+    # At most this many (box, class) candidates per page enter NMS, the highest-scoring:
+    # bounds its n x n matrices (a page rarely has more than a few hundred).
+    max_candidates: int = 2000
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +123,9 @@ class CropConfig:
 class RecognizeConfig:
     engine: str = "rapidocr"  # "rapidocr" | "vllm"
     workers: int = 2
+    # Pages whose regions may wait in a queueing recogniser (vLLM) at once: enough to keep
+    # the server's batch full across pages, bounded so memory stays bounded.
+    pages_in_flight: int = 64
     threads: int = 1
     det_limit_side_len: int = 960
     # Crops whose height is at most this many times a text line go straight to rec-only.
@@ -129,6 +142,17 @@ class VLLMConfig:
     retries: int = 4
     dead_server_wait_s: float = 60.0
     ttft_sla_s: float = 2.0
+    # Scheduling: a waiting region gains this many tokens of priority per second, so a
+    # large crop (6k image tokens) waits at most ~6 s behind a stream of small ones.
+    ageing_tokens_per_s: float = 1000.0
+    backoff_initial_s: float = 0.5  # first retry delay; doubles per attempt, plus jitter
+    backoff_max_s: float = 8.0
+    encode_threads: int = 2  # crop resize/encode/base64, off the event loop
+    # the environment variable holding the key for `vllm serve --api-key` (a Bearer
+    # token); the key itself stays out of the config, and so out of the runs table
+    api_key_env: str = "VLLM_API_KEY"
+    profiles_file: str | None = None  # TOML file of [NAME] profile tables
+    profiles: dict[str, Any] = field(default_factory=dict)  # [vllm.profiles.NAME] tables
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,6 +270,16 @@ def validate(cfg: FolioConfig) -> None:
         (0.0 < cfg.layout.nms_iou <= 1.0, "layout.nms_iou must be in (0, 1]"),
         (cfg.recognize.engine in ("rapidocr", "vllm"), "recognize.engine must be rapidocr|vllm"),
         (cfg.recognize.workers >= 1, "recognize.workers must be >= 1"),
+        (cfg.recognize.pages_in_flight >= 1, "recognize.pages_in_flight must be >= 1"),
+        (cfg.vllm.max_in_flight >= 1, "vllm.max_in_flight must be >= 1"),
+        (cfg.vllm.timeout_s > 0, "vllm.timeout_s must be > 0"),
+        (cfg.vllm.retries >= 0, "vllm.retries must be >= 0"),
+        (cfg.vllm.dead_server_wait_s >= 0, "vllm.dead_server_wait_s must be >= 0"),
+        (cfg.vllm.ttft_sla_s > 0, "vllm.ttft_sla_s must be > 0"),
+        (cfg.vllm.ageing_tokens_per_s >= 0, "vllm.ageing_tokens_per_s must be >= 0"),
+        (0 < cfg.vllm.backoff_initial_s <= cfg.vllm.backoff_max_s,
+         "vllm.backoff_initial_s must be in (0, vllm.backoff_max_s]"),
+        (cfg.vllm.encode_threads >= 1, "vllm.encode_threads must be >= 1"),
         (cfg.crop.margin_px >= 0, "crop.margin_px must be >= 0"),
         (1 <= cfg.sink.batch_rows <= 100_000, "sink.batch_rows must be in 1..100000"),
         (cfg.sink.queue_pages >= 1, "sink.queue_pages must be >= 1"),

@@ -1,6 +1,8 @@
 """The pipeline: stages connected by bounded queues, so they overlap.
 
     reader --q--> decode --q--> layout --q--> crop+recognize (N workers) --> sink writer
+                                              (queueing recogniser: N dispatchers -> up to
+                                               recognize.pages_in_flight pages -> finisher)
 
 Each arrow is a bounded queue (``pipeline.queue_pages``), so memory stays bounded
 whatever the source size. Every page ends as exactly one ``PageOutcome`` handed to the
@@ -10,6 +12,7 @@ skipped before they are read, so a re-run resumes.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -35,6 +38,7 @@ from orchestrator.types import (
     PageOutcome,
     RecognitionResult,
     Region,
+    RegionTask,
 )
 
 log = logging.getLogger("folio.pipeline")
@@ -295,15 +299,50 @@ class Pipeline:
                 for _ in range(workers):
                     to_recognize.put(_DONE)
 
+        submit = getattr(self.recognizer, "submit", None)
+        # A recogniser that queues work (vLLM) gets many pages in flight from a few
+        # threads; a blocking one (rapidocr) gets one page per worker thread.
+        in_flight: queue.Queue[Any] = queue.Queue(self.cfg.recognize.pages_in_flight)
+        dispatchers_left = [workers]
+        dispatchers_lock = threading.Lock()
+
         def recognizer() -> None:
-            while (item := to_recognize.get()) is not _DONE:
-                page, result = item
-                emit(self._recognize_page(page, result))
+            try:
+                while (item := to_recognize.get()) is not _DONE:
+                    page, result = item
+                    start = time.perf_counter()
+                    tasks = region_tasks(page, result, self.cfg.crop)
+                    crop_s = time.perf_counter() - start
+                    if submit is None:
+                        results = self.recognizer.recognize(tasks) if tasks else []
+                        recognize_s = time.perf_counter() - start - crop_s
+                        emit(self._outcome(page, result, tasks, results, crop_s, recognize_s))
+                    else:
+                        in_flight.put(_InFlight(page, result, tasks, crop_s, submit(tasks)))
+            finally:
+                if submit is not None:
+                    with dispatchers_lock:
+                        dispatchers_left[0] -= 1
+                        if dispatchers_left[0] == 0:
+                            in_flight.put(_DONE)
+
+        def finisher() -> None:
+            while (pending := in_flight.get()) is not _DONE:
+                try:
+                    results = pending.future.result()
+                except Exception as exc:  # the recogniser was closed or cancelled mid-page
+                    failed = RecognitionResult(text=None, error=f"recognition failed: {exc}")
+                    results = [failed] * len(pending.tasks)
+                emit(self._outcome(pending.page, pending.layout, pending.tasks, results,
+                                   pending.crop_s, pending.recognize_s))
 
         threads = [threading.Thread(target=guarded(fn), name=f"folio-{name}", daemon=True)
                    for name, fn in (("read", reader), ("decode", decoder), ("layout", layout))]
         threads += [threading.Thread(target=guarded(recognizer), name=f"folio-rec-{i}",
                                      daemon=True) for i in range(workers)]
+        if submit is not None:
+            threads.append(threading.Thread(target=guarded(finisher), name="folio-finish",
+                                            daemon=True))
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -311,13 +350,15 @@ class Pipeline:
         if failures:
             raise failures[0]
 
-    def _recognize_page(self, page: DecodedPage, layout: LayoutResult) -> PageOutcome:
-        start = time.perf_counter()
-        tasks = region_tasks(page, layout, self.cfg.crop)
-        crop_s = time.perf_counter() - start
-        start = time.perf_counter()
-        results = self.recognizer.recognize(tasks) if tasks else []
-        recognize_s = time.perf_counter() - start
+    @staticmethod
+    def _outcome(
+        page: DecodedPage,
+        layout: LayoutResult,
+        tasks: Sequence[RegionTask],
+        results: Sequence[RecognitionResult],
+        crop_s: float,
+        recognize_s: float,
+    ) -> PageOutcome:
         by_index: dict[int, RecognitionResult] = {
             t.region.index: r for t, r in zip(tasks, results, strict=True)
         }
@@ -340,6 +381,26 @@ class Pipeline:
             regions=regions,
             timings=timings,
         )
+
+
+class _InFlight:
+    """A page whose regions were submitted to a queueing recogniser."""
+
+    def __init__(self, page: DecodedPage, layout: LayoutResult, tasks: Sequence[RegionTask],
+                 crop_s: float, future: concurrent.futures.Future[list[RecognitionResult]]
+                 ) -> None:
+        self.page, self.layout, self.tasks, self.crop_s = page, layout, tasks, crop_s
+        self.future = future
+        self._submitted = time.perf_counter()
+        self._done = self._submitted
+        future.add_done_callback(self._mark_done)
+
+    def _mark_done(self, _: object) -> None:
+        self._done = time.perf_counter()
+
+    @property
+    def recognize_s(self) -> float:
+        return self._done - self._submitted
 
 
 class _Counter:

