@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CORPUS = REPO_ROOT.parent / "shared" / "corpus"
+# The workplace's shared/ sits beside the checkout; the Makefile also finds it beside the
+# clone's origin and passes it in FOLIO_SHARED.
+CORPUS = Path(os.environ.get("FOLIO_SHARED") or REPO_ROOT.parent / "shared") / "corpus"
 MODEL_DIR = REPO_ROOT / "build" / "models"
 
 

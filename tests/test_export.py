@@ -20,11 +20,8 @@ from orchestrator.types import PageOutcome, PageRef, RecognitionResult, Region, 
 
 
 @pytest.fixture
-def corpus(request: pytest.FixtureRequest) -> Path:
-    try:
-        return Path(request.getfixturevalue("corpus_dir"))
-    except pytest.FixtureLookupError:
-        return Path(__file__).resolve().parents[2] / "shared" / "corpus"
+def corpus(corpus_dir: Path) -> Path:
+    return corpus_dir
 
 
 def R(index: int, label: str, task: Task, text: str | None, **stats: object):

@@ -26,11 +26,8 @@ CFG = SourceConfig()
 
 
 @pytest.fixture
-def corpus(request: pytest.FixtureRequest) -> Path:
-    try:
-        return Path(request.getfixturevalue("corpus_dir"))
-    except pytest.FixtureLookupError:
-        return Path(__file__).resolve().parents[2] / "shared" / "corpus"
+def corpus(corpus_dir: Path) -> Path:
+    return corpus_dir
 
 
 def _pages(paths: list[str | Path], cfg: SourceConfig = CFG, skip=None) -> list[EncodedPage]:
