@@ -128,6 +128,7 @@ class RecognizeConfig:
     pages_in_flight: int = 64
     threads: int = 1
     det_limit_side_len: int = 960
+    rec_batch_size: int = 1  # text lines per recognition call (GPU: larger)
     # Crops whose height is at most this many times a text line go straight to rec-only.
     single_line_max_height_px: int = 64
 

@@ -51,6 +51,32 @@ def resolve_precision(precision: str, device: str) -> str:
     return precision
 
 
+# manifest["head"]["postprocess"]: how a model's raw outputs become detections.
+DEFAULT_HEAD = "picodet"  # the CDLA PP-PicoDet: orchestrator.postprocess
+DOCLAYOUT_HEAD = "doclayout"  # an exported PP-DocLayoutV3: orchestrator.export_doclayout
+
+
+def head_kind(manifest: dict[str, Any]) -> str:
+    return str(manifest.get("head", {}).get("postprocess", DEFAULT_HEAD))
+
+
+def postprocess_head(
+    kind: str,
+    raw: Sequence[npt.NDArray[np.float32]],
+    page_sizes: Sequence[tuple[int, int]],
+    cfg: LayoutConfig,
+    labels: Sequence[str],
+) -> list[Detections]:
+    """Raw outputs -> ``Detections`` per page for the model head ``kind``."""
+    if kind == DOCLAYOUT_HEAD:
+        from orchestrator.export_doclayout import postprocess_doclayout
+
+        return postprocess_doclayout(raw, page_sizes, cfg, labels)
+    if kind != DEFAULT_HEAD:
+        raise ConfigError(f"unknown layout model head {kind!r} in the model manifest")
+    return list(postprocess(raw, page_sizes, cfg, labels))
+
+
 class LayoutModel:
     """The TorchScript layout detector for one device and precision.
 
@@ -125,7 +151,9 @@ class LayoutModel:
         """One ``Detections`` per page; ``page_sizes`` are (height, width) in pixels."""
         if len(page_sizes) != len(batch):
             raise LayoutError(f"{len(page_sizes)} page sizes for a batch of {len(batch)}")
-        return postprocess(self.forward(batch), page_sizes, self.cfg, self.labels)
+        return postprocess_head(
+            head_kind(self.manifest), self.forward(batch), page_sizes, self.cfg, self.labels
+        )
 
     def warmup(self, batch_size: int = 1) -> None:
         """Run a blank batch twice (TorchScript profiles, then optimises, on its first calls)."""

@@ -58,6 +58,12 @@ class RapidOCRRecognizer:
                 "Global.use_cls": False,
                 "EngineConfig.onnxruntime.intra_op_num_threads": self._cfg.threads,
                 "EngineConfig.onnxruntime.inter_op_num_threads": 1,
+                # rapidocr turns onnxruntime's arena off; with it on, recognition takes
+                # about 20% less CPU (fewer page faults on every differently sized crop).
+                "EngineConfig.onnxruntime.enable_cpu_mem_arena": True,
+                # Lines padded to the widest in a batch waste CPU; on CPU one line per
+                # call is cheaper (measured: rec 2.2 s vs 2.8 s at rapidocr's batch of 6).
+                "Rec.rec_batch_num": self._cfg.rec_batch_size,
             }
             block = RapidOCR(
                 params={

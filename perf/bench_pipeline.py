@@ -87,7 +87,10 @@ def _child(mode: str, sources: list[str], limit: int) -> dict[str, float]:
         runner = _naive if mode == "naive" else _pipeline
         # Warm-up: load models and first-call allocations outside the timed run.
         runner(sources, Path(tmp) / "warm.db", 1)
-        return runner(sources, Path(tmp) / "bench.db", limit)
+        cpu = time.process_time()
+        result = runner(sources, Path(tmp) / "bench.db", limit)
+        result["cpu_s"] = time.process_time() - cpu
+        return result
 
 
 def main() -> None:
@@ -110,7 +113,8 @@ def main() -> None:
             result = json.loads(out)
             results[mode].append(result)
             print(f"{mode:9s} {result['pages']} pages in {result['elapsed_s']:.1f} s = "
-                  f"{result['pages'] / result['elapsed_s']:.3f} pages/s", flush=True)
+                  f"{result['pages'] / result['elapsed_s']:.3f} pages/s, "
+                  f"{result['cpu_s'] / result['elapsed_s']:.2f} cores busy", flush=True)
     rate = {m: sum(r["pages"] for r in rs) / sum(r["elapsed_s"] for r in rs)
             for m, rs in results.items()}
     print(f"pipeline / naive = {rate['pipeline'] / rate['naive']:.2f}x "
