@@ -189,7 +189,9 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="folio", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="folio", description="folio: document pages in, structured text with boxes in SQLite."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run(sub)
