@@ -268,6 +268,10 @@ def validate(cfg: FolioConfig) -> None:
         (cfg.layout.precision in ("fp32", "bf16", "auto"),
          "layout.precision must be fp32|bf16|auto"),
         (cfg.layout.batch_size >= 1, "layout.batch_size must be >= 1"),
+        ((cfg.decode.input_height, cfg.decode.input_width)
+         == (cfg.layout.input_height, cfg.layout.input_width),
+         "decode.input_height/input_width must equal layout.input_height/input_width "
+         "(the decode stage resizes pages to the layout model's input)"),
         (0.0 < cfg.layout.nms_iou <= 1.0, "layout.nms_iou must be in (0, 1]"),
         (cfg.recognize.engine in ("rapidocr", "vllm"), "recognize.engine must be rapidocr|vllm"),
         (cfg.recognize.workers >= 1, "recognize.workers must be >= 1"),

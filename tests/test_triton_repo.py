@@ -150,8 +150,12 @@ def test_validation_reports_mismatched_tensors(repos: dict[str, Path], tmp_path:
 def test_unknown_target_and_size_mismatch(model_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="unknown target"):
         build_repository("tpu", tmp_path / "x", model_dir=model_dir)
-    cfg = FolioConfig().override({"decode.input_height": 640})
+    # Decode and layout sizes must agree (the config refuses otherwise) and match the
+    # model's input (the build refuses otherwise).
     with pytest.raises(ConfigError, match="input_height"):
+        FolioConfig().override({"decode.input_height": 640})
+    cfg = FolioConfig().override({"decode.input_height": 640, "layout.input_height": 640})
+    with pytest.raises(ConfigError, match="input"):
         build_repository("cpu", tmp_path / "y", cfg=cfg, model_dir=model_dir)
     assert not (tmp_path / "y").exists()
 
