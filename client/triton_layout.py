@@ -349,9 +349,11 @@ class TritonLayoutBackend:
 
         start = time.perf_counter()
         items: list[bytes | PageError] = []
-        for source in encoded:
+        for page, source in zip(pages, encoded, strict=True):
             try:
-                if source.data is not None:
+                if page.rotation:  # turned upright by the decode stage: send what it saw
+                    items.append(encode_pixels(page.image))
+                elif source.data is not None:
                     items.append(source.data)
                 elif source.pixels is not None:
                     items.append(encode_pixels(source.pixels))

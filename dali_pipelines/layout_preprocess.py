@@ -190,10 +190,13 @@ class LayoutPreprocessor:
         pages: list[PreprocessedPage] = []
         for i in range(len(arrays)):
             h, w = (int(v) for v in np.asarray(sizes[i]))
-            image = np.asarray(outputs[2][i]) if self._keep_full else None
+            # Copies: DALI reuses its output buffers on the next run(), and these arrays
+            # outlive it (queued for layout, kept for cropping).
+            image = np.array(outputs[2][i], copy=True) if self._keep_full else None
             pages.append(
                 PreprocessedPage(
-                    model_input=np.asarray(model_input[i]), height=h, width=w, image=image
+                    model_input=np.array(model_input[i], copy=True), height=h, width=w,
+                    image=image,
                 )
             )
         return pages

@@ -73,6 +73,14 @@ class DecodeConfig:
     input_width: int = LAYOUT_INPUT_WIDTH
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    # Orientation: find pages turned by 90/180/270 degrees and turn them upright.
+    orient: bool = True
+    orient_side_px: int = 736  # the downscaled page the line detector looks at
+    orient_min_lines: int = 3  # fewer clear text lines than this: leave the page as is
+    orient_line_aspect: float = 3.0  # a box this elongated counts as a text line
+    orient_lines: int = 3  # lines read both ways to tell upright from upside down
+    orient_crop_aspect: float = 8.0  # each of those lines trimmed to this width / height
+    orient_margin: float = 0.05  # upside down only when its mean score is this much better
 
 
 @dataclass(frozen=True, slots=True)

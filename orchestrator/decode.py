@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from dali_pipelines.layout_preprocess import LayoutPreprocessor, PreprocessedPage
 from orchestrator.config import DecodeConfig, SourceConfig
 from orchestrator.errors import PageDecodeError, PageError, PixelLimitExceeded
+from orchestrator.orient import OrientationDetector, rotate_clockwise
 from orchestrator.types import DecodedPage, EncodedPage
 
 # folio enforces its own explicit limit (sources.max_pixels) from the header, so PIL's
@@ -78,6 +79,7 @@ class Decoder:
         self._pixels = LayoutPreprocessor(
             decode, device=self.device, keep_full=True, encoded=False
         )
+        self._orientation = OrientationDetector(decode) if decode.orient else None
 
     @property
     def batch_size(self) -> int:
@@ -110,7 +112,23 @@ class Decoder:
             per_page = (time.perf_counter() - start) / len(indices)
             for i, out in zip(indices, outputs, strict=True):
                 results[i] = self._to_page(pages[i], out, per_page)
-        return [r for r in results if r is not None]
+        return [self._upright(r) if isinstance(r, DecodedPage) else r
+                for r in results if r is not None]
+
+    def _upright(self, page: DecodedPage) -> DecodedPage:
+        """Turn a sideways or upside-down page upright, and redo its model input."""
+        if self._orientation is None:
+            return page
+        start = time.perf_counter()
+        rotation = self._orientation.detect(page.image)
+        if rotation:
+            image = rotate_clockwise(page.image, rotation)
+            (out,) = self._pixels.run([image])
+            if isinstance(out, Exception):  # pragma: no cover - pixels already decoded once
+                return page
+            page.image, page.model_input, page.rotation = image, out.model_input, rotation
+        page.decode_s += time.perf_counter() - start
+        return page
 
     @staticmethod
     def _to_page(

@@ -13,7 +13,7 @@ Usage::
 
 A JSONL line::
 
-    {"source": "/abs/scan.pdf", "page": 1, "width": 1700, "height": 2200,
+    {"source": "/abs/scan.pdf", "page": 1, "width": 1700, "height": 2200, "rotation": 0,
      "status": "ok", "error": null, "timings": {"read_s": 0.04, ...},
      "regions": [{"index": 0, "label": "title", "task": "text",
                   "bbox": [x0, y0, x1, y1], "score": 0.93, "text": "..."}, ...],
@@ -40,7 +40,7 @@ TITLE_LABELS = frozenset({"title", "doc_title", "paragraph_title", "section_titl
 MAX_STEM_CHARS = 80
 
 _PAGE_COLUMNS = (
-    "d.source, p.page, p.width, p.height, p.status, p.error, "
+    "d.source, p.page, p.width, p.height, p.rotation, p.status, p.error, "
     + ", ".join(f"p.{t}" for t in STAGE_TIMINGS)
 )
 _REGION_COLUMNS = (
@@ -54,7 +54,7 @@ JOIN pages p ON p.document_id = d.id
 LEFT JOIN regions r ON r.page_id = p.id
 ORDER BY d.source, p.page, r.idx
 """
-_N_PAGE = 1 + 6 + len(STAGE_TIMINGS)
+_N_PAGE = 1 + 7 + len(STAGE_TIMINGS)
 
 
 # ---------------------------------------------------------------------------- markdown
@@ -140,7 +140,7 @@ def iter_pages(conn: sqlite3.Connection) -> Iterator[dict[str, Any]]:
     for _, group in itertools.groupby(rows, key=lambda r: r[0]):
         members = list(group)
         head = members[0]
-        source, page, width, height, status, error, *timings = head[1:_N_PAGE]
+        source, page, width, height, rotation, status, error, *timings = head[1:_N_PAGE]
         regions: list[tuple[Region, RecognitionResult | None]] = []
         items: list[dict[str, Any]] = []
         for row in members:
@@ -167,6 +167,7 @@ def iter_pages(conn: sqlite3.Connection) -> Iterator[dict[str, Any]]:
             "page": page,
             "width": width,
             "height": height,
+            "rotation": rotation,
             "status": status,
             "error": error,
             "timings": {k: v for k, v in zip(STAGE_TIMINGS, timings, strict=True) if v is not None},

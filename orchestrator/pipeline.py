@@ -380,6 +380,7 @@ class Pipeline:
             height=page.height,
             regions=regions,
             timings=timings,
+            rotation=page.rotation,
         )
 
 

@@ -53,7 +53,8 @@ class RapidOCRRecognizer:
             from rapidocr import RapidOCR
 
             common = {
-                "Global.log_level": "warning",
+                # An empty detection on a blank region is normal, not a warning.
+                "Global.log_level": "error",
                 # Upright pages: the angle classifier flips some lines into garbage.
                 "Global.use_cls": False,
                 "EngineConfig.onnxruntime.intra_op_num_threads": self._cfg.threads,

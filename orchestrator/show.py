@@ -21,6 +21,7 @@ from typing import Any
 
 from orchestrator.config import SourceConfig
 from orchestrator.errors import SourceError
+from orchestrator.orient import rotate_clockwise
 from orchestrator.sink import connect
 from orchestrator.sources import decode_for_display, identity, load_page
 from orchestrator.types import PageRef
@@ -112,7 +113,7 @@ def _match_source(conn: Any, spec: str) -> str:
 
 def _stored(conn: Any, source: str, page: int) -> tuple[Any, list[Any], dict[str, Any] | None]:
     row = conn.execute(
-        "SELECT p.id, p.width, p.height, p.status, p.error, r.config FROM pages p "
+        "SELECT p.id, p.width, p.height, p.status, p.error, r.config, p.rotation FROM pages p "
         "JOIN documents d ON d.id = p.document_id LEFT JOIN runs r ON r.id = p.run_id "
         "WHERE d.source = ? AND p.page = ?",
         (source, page),
@@ -139,13 +140,16 @@ def render_page(
         source, page = resolve_page(db, str(page))
     conn = _open(db)
     try:
-        (_, width, height, status, error, _), regions, config = _stored(conn, source, page)
+        (_, width, height, status, error, _, rotation), regions, config = _stored(
+            conn, source, page
+        )
     finally:
         conn.close()
     dpi = (config or {}).get("sources", {}).get("dpi")
     if isinstance(dpi, int | float) and dpi > 0:
         cfg = dataclasses.replace(cfg, dpi=int(dpi))
-    pixels = decode_for_display(load_page(PageRef(source, page), cfg))
+    # Boxes are on the page as turned upright by the decode stage.
+    pixels = rotate_clockwise(decode_for_display(load_page(PageRef(source, page), cfg)), rotation)
     image = Image.fromarray(pixels[:, :, ::-1].copy()).convert("RGB")
     # Boxes are in the page pixels recorded at write time; rescale if the image differs.
     sx = image.width / width if width else 1.0

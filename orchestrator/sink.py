@@ -71,6 +71,7 @@ CREATE TABLE IF NOT EXISTS pages (
     error TEXT,
     width INTEGER,
     height INTEGER,
+    rotation INTEGER NOT NULL DEFAULT 0,
     read_s REAL,
     decode_s REAL,
     layout_s REAL,
@@ -102,12 +103,13 @@ CREATE INDEX IF NOT EXISTS pages_run ON pages(run_id, status);
 """
 
 _UPSERT_PAGE = """
-INSERT INTO pages (document_id, page, run_id, status, error, width, height,
+INSERT INTO pages (document_id, page, run_id, status, error, width, height, rotation,
                    read_s, decode_s, layout_s, crop_s, recognize_s, written_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (document_id, page) DO UPDATE SET
     run_id = excluded.run_id, status = excluded.status, error = excluded.error,
-    width = excluded.width, height = excluded.height, read_s = excluded.read_s,
+    width = excluded.width, height = excluded.height, rotation = excluded.rotation,
+    read_s = excluded.read_s,
     decode_s = excluded.decode_s, layout_s = excluded.layout_s, crop_s = excluded.crop_s,
     recognize_s = excluded.recognize_s, written_at = excluded.written_at
 RETURNING id
@@ -205,7 +207,8 @@ class _Writer:
                 _UPSERT_PAGE,
                 (
                     self.doc_ids[o.ref.source], o.ref.page, run_id, o.status, o.error,
-                    o.width, o.height, t.get("read_s"), t.get("decode_s"), t.get("layout_s"),
+                    o.width, o.height, o.rotation, t.get("read_s"), t.get("decode_s"),
+                    t.get("layout_s"),
                     t.get("crop_s"), t.get("recognize_s"), now,
                 ),
             ).fetchone()

@@ -71,6 +71,7 @@ class DecodedPage:
     model_input: Float32Array  # CHW float32, normalised, at the layout model's size
     read_s: float = 0.0
     decode_s: float = 0.0
+    rotation: int = 0  # degrees the source was turned clockwise to make it upright
 
     @property
     def width(self) -> int:
@@ -148,3 +149,4 @@ class PageOutcome:
     regions: list[tuple[Region, RecognitionResult | None]]
     # Seconds per stage: read_s, decode_s, layout_s, crop_s, recognize_s.
     timings: dict[str, float] = field(default_factory=dict)
+    rotation: int = 0  # degrees the source was turned clockwise; boxes are on the turned page

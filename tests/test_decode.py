@@ -124,3 +124,18 @@ def test_preprocessor_batches_vary_in_size(corpus_dir: Path) -> None:
         out = pre.run([data] * n)
         assert len(out) == n
         assert all(not isinstance(o, Exception) and o.image is None for o in out)
+
+
+def test_decoded_pages_survive_later_batches(corpus_dir: Path) -> None:
+    """DALI reuses its output buffers: a page queued for layout must not change under it."""
+    decoder = Decoder(DecodeConfig(device="cpu", batch_size=2, orient=False), SourceConfig())
+    pages = corpus_dir / "pages"
+    first = decoder.decode([_page((pages / "typewriter.png").read_bytes())])[0]
+    assert not isinstance(first, Exception)
+    image, model_input = first.image.copy(), first.model_input.copy()
+    for name in ("baiona.png", "typewriter.png", "baiona.png"):
+        decoder.decode([_page((pages / name).read_bytes())])
+        decoder.decode([EncodedPage(ref=PageRef("p", 1),
+                                    pixels=cv2.imread(str(pages / name)))])
+    assert np.array_equal(first.image, image)
+    assert np.array_equal(first.model_input, model_input)

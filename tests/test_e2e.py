@@ -94,6 +94,27 @@ def test_linn_text_matches_its_transcript(corpus_run: tuple[Path, subprocess.Com
         assert region["task"] in ("text", "table", "formula", "skip")
 
 
+def test_turned_pages_are_read_upright(
+    corpus_run: tuple[Path, subprocess.CompletedProcess[str]], corpus_dir: Path, tmp_path: Path
+) -> None:
+    """cardinal.pdf holds linn.png turned four ways: every copy reads like linn.txt."""
+    db, _ = corpus_run
+    out = tmp_path / "pages.jsonl"
+    folio("export", db, "--format", "jsonl", "--out", out, check=0)
+    cardinal = [p for p in read_jsonl(out) if Path(p["source"]).name == "cardinal.pdf"]
+    expected = (corpus_dir / "pages" / "linn.txt").read_text(encoding="utf-8")
+    assert sorted(p["rotation"] for p in cardinal) == [0, 90, 180, 270]
+    for page in cardinal:
+        text = "\n".join(r["text"] or "" for r in page["regions"])
+        assert word_f1(text, expected) >= 0.9, (page["page"], page["rotation"])
+        assert (page["width"], page["height"]) == (1700, 2200)
+    turned = next(p for p in cardinal if p["rotation"] in (90, 270))
+    png = tmp_path / "turned.png"
+    folio("show", db, f"{turned['source']}#{turned['page']}", "--out", png, check=0)
+    with Image.open(png) as shown:
+        assert shown.size == (1700, 2200)
+
+
 def test_exports_and_show(corpus_run: tuple[Path, subprocess.CompletedProcess[str]],
                           tmp_path: Path) -> None:
     db, _ = corpus_run

@@ -1,0 +1,122 @@
+"""Page orientation: how far a page's content is turned (0, 90, 180 or 270 degrees).
+
+Scans come sideways or upside down (a /Rotate-less PDF of a rotated scan); the layout
+and recognition models only read upright text. Two cheap signals decide:
+- sideways or not: text-line boxes from the detector on a downscaled page are mostly
+  taller than wide when the page lies on its side;
+- upright or upside down: the recogniser is confident on upright lines and not on
+  turned ones, so a few lines are read both ways and the scores compared.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import cv2
+import numpy as np
+
+from orchestrator.config import DecodeConfig
+from orchestrator.types import UInt8Array
+
+
+def rotate_clockwise(image: UInt8Array, degrees: int) -> UInt8Array:
+    """``image`` turned clockwise by a multiple of 90 degrees (a contiguous copy)."""
+    turns = (degrees // 90) % 4
+    if turns == 0:
+        return image
+    return np.ascontiguousarray(np.rot90(image, k=-turns))
+
+
+class OrientationDetector:
+    """Returns the clockwise rotation (0/90/180/270) that makes a page upright."""
+
+    def __init__(self, cfg: DecodeConfig) -> None:
+        self._cfg = cfg
+        self._local = threading.local()
+
+    def _engines(self) -> tuple[Any, Any]:
+        engines = getattr(self._local, "engines", None)
+        if engines is None:
+            from rapidocr import RapidOCR
+
+            common = {
+                "Global.log_level": "error",
+                "Global.use_cls": False,
+                "EngineConfig.onnxruntime.intra_op_num_threads": 1,
+                "EngineConfig.onnxruntime.inter_op_num_threads": 1,
+                "EngineConfig.onnxruntime.enable_cpu_mem_arena": True,
+            }
+            det = RapidOCR(params={**common, "Global.use_rec": False,
+                                   "Det.limit_type": "max",
+                                   "Det.limit_side_len": self._cfg.orient_side_px})
+            rec = RapidOCR(params={**common, "Global.use_det": False})
+            engines = (det, rec)
+            self._local.engines = engines
+        return engines
+
+    def _lines(self, image: UInt8Array) -> tuple[np.ndarray, float]:
+        """Text-line boxes (N, 4, 2) in a downscaled copy, and that copy's scale."""
+        det, _ = self._engines()
+        scale = min(1.0, self._cfg.orient_side_px / max(image.shape[:2]))
+        small = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        out = det(small, use_det=True, use_cls=False, use_rec=False)
+        boxes = np.zeros((0, 4, 2), np.float32) if out.boxes is None else np.asarray(out.boxes)
+        return boxes, scale
+
+    def _score(self, crops: list[UInt8Array]) -> float:
+        _, rec = self._engines()
+        scores = []
+        for crop in crops:
+            out = rec(crop, use_det=False, use_cls=False, use_rec=True)
+            scores.append(float(out.scores[0]) if out.scores else 0.0)
+        return float(np.mean(scores)) if scores else 0.0
+
+    def detect(self, image: UInt8Array) -> int:
+        cfg = self._cfg
+        boxes, scale = self._lines(image)
+        if len(boxes) == 0:
+            return 0
+        width = np.linalg.norm(boxes[:, 1] - boxes[:, 0], axis=1)
+        height = np.linalg.norm(boxes[:, 3] - boxes[:, 0], axis=1)
+        elongated = np.maximum(width, height) >= cfg.orient_line_aspect * np.minimum(width, height)
+        tall = int(np.count_nonzero(elongated & (height > width)))
+        wide = int(np.count_nonzero(elongated & (width > height)))
+        if tall + wide < cfg.orient_min_lines:
+            return 0  # too little text to tell: leave the page as it is
+        rotation = 90 if tall > wide else 0
+        view = image
+        if rotation:
+            view = rotate_clockwise(image, 90)
+            boxes, scale = self._lines(view)
+        crops = self._line_crops(view, boxes, scale)
+        if not crops:
+            return rotation
+        upright = self._score(crops)
+        turned = self._score([np.ascontiguousarray(c[::-1, ::-1]) for c in crops])
+        if turned > upright + cfg.orient_margin:
+            rotation += 180
+        return rotation % 360
+
+    def _line_crops(self, image: UInt8Array, boxes: np.ndarray, scale: float) -> list[UInt8Array]:
+        """The widest horizontal lines, cut from the full-resolution page, trimmed in length."""
+        cfg = self._cfg
+        if len(boxes) == 0:
+            return []
+        x0 = boxes[:, :, 0].min(axis=1) / scale
+        x1 = boxes[:, :, 0].max(axis=1) / scale
+        y0 = boxes[:, :, 1].min(axis=1) / scale
+        y1 = boxes[:, :, 1].max(axis=1) / scale
+        horizontal = (x1 - x0) >= cfg.orient_line_aspect * (y1 - y0)
+        order = [i for i in np.argsort(-(x1 - x0)) if horizontal[i]][: cfg.orient_lines]
+        crops: list[UInt8Array] = []
+        h, w = image.shape[:2]
+        for i in order:
+            top, bottom = max(0, int(y0[i])), min(h, int(np.ceil(y1[i])))
+            left = max(0, int(x0[i]))
+            # About one recogniser window (48 x 320 at its height): enough to judge by.
+            length = int((bottom - top) * cfg.orient_crop_aspect)
+            right = min(w, int(np.ceil(x1[i])), left + length)
+            if bottom - top >= 4 and right - left >= 4:
+                crops.append(np.ascontiguousarray(image[top:bottom, left:right]))
+        return crops
