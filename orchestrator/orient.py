@@ -38,19 +38,14 @@ class OrientationDetector:
     def _engines(self) -> tuple[Any, Any]:
         engines = getattr(self._local, "engines", None)
         if engines is None:
-            from rapidocr import RapidOCR
+            from orchestrator.recognize import rapidocr_engine
 
-            common = {
-                "Global.log_level": "error",
-                "Global.use_cls": False,
-                "EngineConfig.onnxruntime.intra_op_num_threads": 1,
-                "EngineConfig.onnxruntime.inter_op_num_threads": 1,
-                "EngineConfig.onnxruntime.enable_cpu_mem_arena": True,
-            }
-            det = RapidOCR(params={**common, "Global.use_rec": False,
-                                   "Det.limit_type": "max",
-                                   "Det.limit_side_len": self._cfg.orient_side_px})
-            rec = RapidOCR(params={**common, "Global.use_det": False})
+            det = rapidocr_engine(self._cfg.threads, {
+                "Global.use_rec": False,
+                "Det.limit_type": "max",
+                "Det.limit_side_len": self._cfg.orient_side_px,
+            })
+            rec = rapidocr_engine(self._cfg.threads, {"Global.use_det": False})
             engines = (det, rec)
             self._local.engines = engines
         return engines
