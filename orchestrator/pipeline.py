@@ -141,6 +141,7 @@ class RunSummary:
 
 
 _DONE = object()  # end-of-stream marker passed down the queues
+_POLL_S = 0.2  # how often a blocked stage checks whether the run was aborted
 
 
 def cap_threads(cfg: FolioConfig) -> None:
@@ -240,9 +241,12 @@ class Pipeline:
         self, pages: Iterator[EncodedPage], emit: Callable[[PageOutcome], None]
     ) -> None:
         size = self.cfg.pipeline.queue_pages
-        to_decode: queue.Queue[Any] = queue.Queue(size)
-        to_layout: queue.Queue[Any] = queue.Queue(size)
-        to_recognize: queue.Queue[Any] = queue.Queue(size)
+        # Set when a stage fails: every other stage then stops instead of blocking forever
+        # on a queue the failed stage no longer fills or drains.
+        abort = threading.Event()
+        to_decode = _Channel(size, abort)
+        to_layout = _Channel(size, abort)
+        to_recognize = _Channel(size, abort)
         failures: list[BaseException] = []
         workers = self.cfg.recognize.workers
 
@@ -252,6 +256,7 @@ class Pipeline:
                     target()
                 except BaseException as exc:  # a stage bug: stop the run, report it
                     failures.append(exc)
+                    abort.set()
                     log.exception("pipeline stage failed")
             return body
 
@@ -302,7 +307,7 @@ class Pipeline:
         submit = getattr(self.recognizer, "submit", None)
         # A recogniser that queues work (vLLM) gets many pages in flight from a few
         # threads; a blocking one (rapidocr) gets one page per worker thread.
-        in_flight: queue.Queue[Any] = queue.Queue(self.cfg.recognize.pages_in_flight)
+        in_flight = _Channel(self.cfg.recognize.pages_in_flight, abort)
         dispatchers_left = [workers]
         dispatchers_lock = threading.Lock()
 
@@ -437,7 +442,35 @@ def _error_outcome(ref: Any, error: str, timings: dict[str, float]) -> PageOutco
                        regions=[], timings=timings)
 
 
-def _batches(q: queue.Queue[Any], max_size: int) -> Iterator[list[Any]]:
+class _Channel:
+    """A bounded queue between two stages whose put/get give up once the run aborts."""
+
+    def __init__(self, size: int, abort: threading.Event) -> None:
+        self._queue: queue.Queue[Any] = queue.Queue(size)
+        self._abort = abort
+
+    def put(self, item: Any) -> None:
+        while not self._abort.is_set():
+            try:
+                self._queue.put(item, timeout=_POLL_S)
+                return
+            except queue.Full:
+                continue
+
+    def get(self) -> Any:
+        """The next item, or the end marker once the run is aborted."""
+        while not self._abort.is_set():
+            try:
+                return self._queue.get(timeout=_POLL_S)
+            except queue.Empty:
+                continue
+        return _DONE
+
+    def get_nowait(self) -> Any:
+        return self._queue.get_nowait()
+
+
+def _batches(q: _Channel, max_size: int) -> Iterator[list[Any]]:
     """Yield batches of up to ``max_size`` items: block for the first, take what's ready."""
     while True:
         item = q.get()

@@ -1,0 +1,77 @@
+"""Pipeline faults that the real stages cannot produce on demand: fakes say so in their names."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+from orchestrator.config import FolioConfig
+from orchestrator.errors import LayoutError, PageError
+from orchestrator.pipeline import Pipeline
+from orchestrator.recognize import RapidOCRRecognizer
+from orchestrator.types import DecodedPage, EncodedPage, LayoutResult
+
+
+class FakeLayoutThatFails:
+    """Stands in for a layout backend: raises ``error`` from its ``fail_at``-th batch on."""
+
+    name = "fake-failing"
+    manifest: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, error: BaseException, fail_at: int) -> None:
+        self.error, self.fail_at, self.calls = error, fail_at, 0
+
+    def detect(self, pages: Sequence[DecodedPage], encoded: Sequence[EncodedPage]
+               ) -> list[LayoutResult | PageError]:
+        self.calls += 1
+        if self.calls >= self.fail_at:
+            raise self.error
+        return [LayoutResult(width=p.width, height=p.height, regions=[]) for p in pages]
+
+    def close(self) -> None:
+        pass
+
+
+def _pipeline(layout: FakeLayoutThatFails) -> Pipeline:
+    cfg = FolioConfig().override({"decode.device": "cpu", "decode.orient": False,
+                                  "decode.batch_size": 1, "layout.batch_size": 1,
+                                  "pipeline.queue_pages": 1})
+    return Pipeline(cfg, layout=layout, recognizer=RapidOCRRecognizer(cfg.recognize))
+
+
+def _statuses(db: Path) -> list[str]:
+    with sqlite3.connect(db) as conn:
+        return [r[0] for r in conn.execute("SELECT status FROM pages ORDER BY page")]
+
+
+def test_a_layout_error_becomes_error_rows_and_the_run_goes_on(
+    tmp_path: Path, corpus_dir: Path
+) -> None:
+    pipeline = _pipeline(FakeLayoutThatFails(LayoutError("model fell over"), fail_at=3))
+    summary = pipeline.run([corpus_dir / "pages" / "multipage.pdf"], tmp_path / "f.db")
+    assert summary.pages == 6 and summary.errors == 4 and summary.exit_code == 3
+    assert _statuses(tmp_path / "f.db") == ["ok", "ok"] + ["error"] * 4
+
+
+def test_a_crashing_stage_ends_the_run_instead_of_hanging(
+    tmp_path: Path, corpus_dir: Path
+) -> None:
+    """A bug in a stage stops every other stage, even those blocked on full queues."""
+    pipeline = _pipeline(FakeLayoutThatFails(RuntimeError("stage bug"), fail_at=2))
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            pipeline.run([corpus_dir / "pages" / "multipage.pdf"], tmp_path / "c.db")
+        except BaseException as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=120)
+    assert not thread.is_alive(), "the run hung after a stage crashed"
+    assert len(raised) == 1 and isinstance(raised[0], RuntimeError)
+    assert _statuses(tmp_path / "c.db") == ["ok"]  # what finished before the crash is kept
