@@ -1,0 +1,53 @@
+"""Configuration: defaults, TOML file, overrides, and the errors a user sees."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import FolioConfig, load_config
+from orchestrator.errors import ConfigError
+
+
+def test_file_then_flags_override_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "folio.toml"
+    path.write_text('[sources]\ndpi = 300\n[layout]\nlabel_tasks = { header = "text" }\n'
+                    "[sink]\nbatch_rows = 1000\n", encoding="utf-8")
+    cfg = load_config(path)
+    assert (cfg.sources.dpi, cfg.sink.batch_rows) == (300, 1000)
+    assert cfg.layout.label_tasks["header"] == "text"
+    assert cfg.layout.label_tasks["table"] == "table"  # a table merges over the defaults
+    cfg = cfg.override({"sources.dpi": 150, "pipeline.limit": None})
+    assert cfg.sources.dpi == 150 and cfg.pipeline.limit is None
+    assert FolioConfig().sources.dpi == 200
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"layout.nms_iou": 7.0}, "layout.nms_iou"),
+    ({"sources.dpi": "high"}, "sources.dpi must be an integer"),
+    ({"sink.batch_rows": 0}, "sink.batch_rows"),
+    ({"layout.label_tasks": {"figure": "paint"}}, "unknown task 'paint'"),
+    ({"nope.key": 1}, "unknown config section"),
+    ({"layout.nope": 1}, "unknown config key layout.nope"),
+    ({"decode.input_width": 640}, "decode.input_height/input_width"),
+])
+def test_bad_values_name_the_key(values: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        FolioConfig().override(values)
+
+
+def test_bad_files_are_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[layout\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(broken)
+
+
+def test_config_is_recorded_as_json_types() -> None:
+    import json
+
+    data = FolioConfig().to_dict()
+    assert json.loads(json.dumps(data))["layout"]["model_dir"].endswith("build/models")
