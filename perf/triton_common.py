@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import json
@@ -110,3 +111,22 @@ def dump_json(path: Path, data: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path
+
+
+def sweep_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The options every Triton load script shares: server, pages, results folder."""
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+    parser.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC HOST:PORT")
+    parser.add_argument("--pages", type=Path, default=None, help="folder of pages (corpus)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    return parser
+
+
+def batch_rows(tool: str, concurrency: int, delta: Mapping[str, Mapping[int, int]]
+               ) -> list[dict[str, Any]]:
+    """CSV rows of the batches each ensemble step ran during one concurrency level."""
+    return [
+        {"tool": tool, "concurrency": concurrency, "model": step, "batch_size": b,
+         "executions": n}
+        for step, hist in delta.items() for b, n in hist.items()
+    ]

@@ -13,7 +13,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import time
@@ -23,13 +22,16 @@ from typing import Any
 import numpy as np
 from triton_common import (
     CONCURRENCY,
-    RESULTS,
     batch_histogram,
     corpus_pages,
     hist_text,
     histogram_delta,
     mean_batch,
+    sweep_parser,
     write_csv,
+)
+from triton_common import (
+    batch_rows as batches_of,
 )
 
 from client.triton_layout import AsyncTritonLayoutClient
@@ -98,10 +100,7 @@ def sweep(url: str, pages: list[tuple[str, bytes]], out: Path, *,
     for c in concurrency:
         row = asyncio.run(run_level(url, pages, c, passes))
         delta = row.pop("_delta")
-        for step, hist in delta.items():
-            for b, n in hist.items():
-                batch_rows.append({"tool": "python_loadgen", "concurrency": c, "model": step,
-                                   "batch_size": b, "executions": n})
+        batch_rows.extend(batches_of(tool="python_loadgen", concurrency=c, delta=delta))
         rows.append(row)
         print(json.dumps(row), flush=True)
     write_csv(out / "triton_loadgen.csv", rows)
@@ -110,10 +109,7 @@ def sweep(url: str, pages: list[tuple[str, bytes]], out: Path, *,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC HOST:PORT")
-    parser.add_argument("--pages", type=Path, default=None, help="folder of pages (corpus)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser = sweep_parser(__doc__)
     parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
     parser.add_argument("--passes", type=int, default=2, help="passes over the pages per level")
     args = parser.parse_args(argv)

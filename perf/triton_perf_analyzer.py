@@ -22,7 +22,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import base64
 import csv
 import json
@@ -36,14 +35,17 @@ from typing import Any
 
 from triton_common import (
     CONCURRENCY,
-    RESULTS,
     ROOT,
     batch_histogram,
     corpus_pages,
     hist_text,
     histogram_delta,
     mean_batch,
+    sweep_parser,
     write_csv,
+)
+from triton_common import (
+    batch_rows as batches_of,
 )
 
 LIB_DIR = ROOT / "build" / "perf_analyzer_libs"
@@ -156,10 +158,7 @@ def sweep(url: str, pages: list[tuple[str, bytes]], out: Path, *,
                **{f"{s}_mean_batch": round(mean_batch(delta.get(s, {})), 2) for s in delta},
                "layout_batches": hist_text(delta.get("layout", {}))}
         rows.append(row)
-        for step, hist in delta.items():
-            for b, n in hist.items():
-                batch_rows.append({"tool": "perf_analyzer", "concurrency": c, "model": step,
-                                   "batch_size": b, "executions": n})
+        batch_rows.extend(batches_of(tool="perf_analyzer", concurrency=c, delta=delta))
         print(json.dumps(row), flush=True)
     write_csv(out / "triton_perf_analyzer.csv", rows)
     write_csv(out / "triton_batches_perf_analyzer.csv", batch_rows)
@@ -167,10 +166,7 @@ def sweep(url: str, pages: list[tuple[str, bytes]], out: Path, *,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC HOST:PORT")
-    parser.add_argument("--pages", type=Path, default=None, help="folder of pages (corpus)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser = sweep_parser(__doc__)
     parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
     parser.add_argument("--request-count", type=int, default=32,
                         help="requests per measurement window (count_windows)")

@@ -23,7 +23,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
 import queue
 import threading
@@ -32,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from triton_common import RESULTS, corpus_pages, write_csv
+from triton_common import corpus_pages, sweep_parser, write_csv
 
 from client.triton_layout import TritonLayoutClient
 from orchestrator.config import FolioConfig, TritonConfig
@@ -132,10 +131,7 @@ def measure(url: str, pages: list[tuple[str, bytes]], cfg: FolioConfig,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC HOST:PORT")
-    parser.add_argument("--pages", type=Path, default=None, help="folder of pages (corpus)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser = sweep_parser(__doc__)
     parser.add_argument("--passes", type=int, default=2)
     parser.add_argument("--model-dir", type=Path, default=None)
     args = parser.parse_args(argv)
