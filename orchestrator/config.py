@@ -310,18 +310,23 @@ def validate(cfg: FolioConfig) -> None:
             raise ConfigError(message)
 
 
+def read_toml(path: Path, what: str) -> dict[str, Any]:
+    """A TOML file's tables; a missing or malformed file is a ConfigError naming ``what``."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{what} not found: {path}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{what} {path} is not valid TOML: {exc}") from exc
+
+
 def load_config(path: Path | None, base: FolioConfig | None = None) -> FolioConfig:
     """Defaults, overlaid with a TOML file's ``[section]`` tables when a path is given."""
     cfg = base or FolioConfig()
     if path is None:
         validate(cfg)
         return cfg
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ConfigError(f"config file not found: {path}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    data = read_toml(path, "config file")
     flat: dict[str, Any] = {}
     for section, values in data.items():
         if not isinstance(values, dict):

@@ -37,12 +37,12 @@ import dataclasses
 import html
 import math
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from orchestrator.config import read_toml
 from orchestrator.errors import ConfigError
 from orchestrator.types import Task
 
@@ -408,12 +408,7 @@ def profile_from_dict(
 
 def load_profiles_file(path: Path, known: Mapping[str, ModelProfile]) -> dict[str, ModelProfile]:
     """Profiles from a TOML file of ``[NAME]`` (or ``[profiles.NAME]``) tables."""
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ConfigError(f"profiles file not found: {path}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"profiles file {path} is not valid TOML: {exc}") from exc
+    data = read_toml(path, "profiles file")
     tables = data.get("profiles", data)
     return _build_all(tables, known, where=str(path))
 
