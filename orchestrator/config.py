@@ -133,14 +133,20 @@ class CropConfig:
 class RecognizeConfig:
     engine: str = "rapidocr"  # "rapidocr" | "vllm"
     workers: int = 2
-    # Pages whose regions may wait in a queueing recogniser (vLLM) at once: enough to keep
-    # the server's batch full across pages, bounded so memory stays bounded.
-    pages_in_flight: int = 64
+    # Pages whose regions may wait in the recogniser's queue at once, bounded so memory
+    # stays bounded. None: 64 for vLLM (enough to keep the server's batch full across
+    # pages), 2 x workers for rapidocr (its pool only needs the next page ready).
+    pages_in_flight: int | None = None
     threads: int = 1
     det_limit_side_len: int = 960
     rec_batch_size: int = 1  # text lines per recognition call (GPU: larger)
     # Crops whose height is at most this many times a text line go straight to rec-only.
     single_line_max_height_px: int = 64
+
+    def in_flight_pages(self) -> int:
+        if self.pages_in_flight is not None:
+            return self.pages_in_flight
+        return 64 if self.engine == "vllm" else 2 * self.workers
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,7 +291,8 @@ def validate(cfg: FolioConfig) -> None:
         (0.0 < cfg.layout.nms_iou <= 1.0, "layout.nms_iou must be in (0, 1]"),
         (cfg.recognize.engine in ("rapidocr", "vllm"), "recognize.engine must be rapidocr|vllm"),
         (cfg.recognize.workers >= 1, "recognize.workers must be >= 1"),
-        (cfg.recognize.pages_in_flight >= 1, "recognize.pages_in_flight must be >= 1"),
+        (cfg.recognize.pages_in_flight is None or cfg.recognize.pages_in_flight >= 1,
+         "recognize.pages_in_flight must be >= 1"),
         (cfg.vllm.max_in_flight >= 1, "vllm.max_in_flight must be >= 1"),
         (cfg.vllm.timeout_s > 0, "vllm.timeout_s must be > 0"),
         (cfg.vllm.retries >= 0, "vllm.retries must be >= 0"),

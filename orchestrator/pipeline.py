@@ -1,8 +1,12 @@
 """The pipeline: stages connected by bounded queues, so they overlap.
 
-    reader --q--> decode --q--> layout --q--> crop+recognize (N workers) --> sink writer
-                                              (queueing recogniser: N dispatchers -> up to
-                                               recognize.pages_in_flight pages -> finisher)
+    reader --q--> decode --q--> layout --q--> crop (N dispatchers) --> recogniser's queue
+                  (up to recognize.pages_in_flight pages) --> finisher --> sink writer
+
+The recogniser spreads the queued work over its own workers (rapidocr: a thread pool
+taking region detections and single text lines oldest page first; vLLM: requests to the
+server), so cores stay busy across page boundaries. A recogniser without ``submit``
+gets one page per dispatcher thread.
 
 Each arrow is a bounded queue (``pipeline.queue_pages``), so memory stays bounded
 whatever the source size. Every page ends as exactly one ``PageOutcome`` handed to the
@@ -305,9 +309,9 @@ class Pipeline:
                     to_recognize.put(_DONE)
 
         submit = getattr(self.recognizer, "submit", None)
-        # A recogniser that queues work (vLLM) gets many pages in flight from a few
-        # threads; a blocking one (rapidocr) gets one page per worker thread.
-        in_flight = _Channel(self.cfg.recognize.pages_in_flight, abort)
+        # A recogniser that queues work (rapidocr's pool, vLLM) gets many pages in flight
+        # from a few threads; one without ``submit`` gets one page per worker thread.
+        in_flight = _Channel(self.cfg.recognize.in_flight_pages(), abort)
         dispatchers_left = [workers]
         dispatchers_lock = threading.Lock()
 

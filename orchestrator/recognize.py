@@ -6,15 +6,25 @@ in-process, ``orchestrator.recognize_vllm.VLLMRecognizer`` sends crops to a vLLM
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import functools
+import heapq
+import itertools
+import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from orchestrator.config import FolioConfig, RecognizeConfig
-from orchestrator.types import RecognitionResult, RegionTask
+from orchestrator.errors import RecognitionError
+from orchestrator.types import RecognitionResult, RegionTask, UInt8Array
+
+log = logging.getLogger("folio.recognize")
 
 
 @runtime_checkable
@@ -54,49 +64,93 @@ def rapidocr_engine(threads: int, params: dict[str, Any]) -> Any:
 class RapidOCRRecognizer:
     """The embedded default: rapidocr's PP-OCR ONNX models, in-process.
 
-    Block crops go through detection + recognition; crops no taller than one text
-    line go to recognition only. rapidocr engines keep per-call parameters as state
-    and are not thread-safe, so each worker thread gets its own pair of engines.
+    A block crop is read in two steps: text-line detection, then recognition of each line;
+    a crop no taller than one text line goes to recognition only. ``recognize`` runs the
+    steps inline in the calling thread (one region after the other). ``submit`` hands them
+    to a pool of ``workers`` threads as separate jobs, one detection per region and one job
+    per text line, taken oldest page first: every core stays busy down to the last line of
+    a run instead of idling while one thread reads a long page alone.
+
+    One rapidocr engine, so one onnxruntime session per model, serves every thread:
+    ``InferenceSession.run`` is thread-safe, and folio calls the engine's step methods,
+    never its ``__call__`` (which stores per-call parameters on the engine).
     """
 
     name = "rapidocr"
 
     def __init__(self, cfg: RecognizeConfig) -> None:
         self._cfg = cfg
-        self._local = threading.local()
+        self._engine: Any = None
+        self._engine_lock = threading.Lock()
+        self._pool: _JobPool | None = None
+        self._pool_lock = threading.Lock()
+        self._closed = False
+        self._pages = itertools.count()
+        self._pending: set[_PageWork] = set()  # submitted, not finished: failed on close
         self.model = f"rapidocr-{_rapidocr_version()}:PP-OCRv6-small"
 
-    def _engines(self) -> tuple[Any, Any]:
-        engines = getattr(self._local, "engines", None)
-        if engines is None:
-            # Lines padded to the widest in a batch waste CPU; on CPU one line per
-            # call is cheaper (measured: rec 2.2 s vs 2.8 s at rapidocr's batch of 6).
-            batch = {"Rec.rec_batch_num": self._cfg.rec_batch_size}
-            block = rapidocr_engine(self._cfg.threads, {
-                **batch,
-                # "max" caps the long side; the default "min" upscales crops 2-4x.
-                "Det.limit_type": "max",
-                "Det.limit_side_len": self._cfg.det_limit_side_len,
-            })
-            line = rapidocr_engine(self._cfg.threads, {**batch, "Global.use_det": False})
-            engines = (block, line)
-            self._local.engines = engines
-        return engines
+    # -- the steps (shared by the inline and pooled paths) ------------------------------
+
+    def _steps(self) -> Any:
+        if self._engine is None:
+            with self._engine_lock:
+                if self._engine is None:
+                    self._engine = rapidocr_engine(self._cfg.threads, {
+                        # Lines padded to the widest in a batch waste CPU; on CPU one line
+                        # per call is cheaper (rec 2.2 s vs 2.8 s at rapidocr's batch of 6).
+                        "Rec.rec_batch_num": self._cfg.rec_batch_size,
+                        # "max" caps the long side; the default "min" upscales crops 2-4x.
+                        "Det.limit_type": "max",
+                        "Det.limit_side_len": self._cfg.det_limit_side_len,
+                    })
+        return self._engine
+
+    def _is_line(self, task: RegionTask) -> bool:
+        return task.image.shape[0] <= self._cfg.single_line_max_height_px
+
+    def _detect(self, image: UInt8Array) -> _DetectedLines:
+        """Text-line boxes (in ``image`` pixels) and the line crops to read."""
+        from rapidocr.main import RapidOCRError
+        from rapidocr.utils.process_img import map_boxes_to_original
+
+        engine = self._steps()
+        prepared, record = engine.preprocess_img(image)
+        try:
+            crops, det = engine.detect_and_crop(prepared, record)
+        except RapidOCRError:  # no text line in the crop: normal for a blank region
+            return _DetectedLines(np.zeros((0, 4, 2), np.float32), [])
+        boxes = map_boxes_to_original(det.boxes, record, image.shape[0], image.shape[1])
+        return _DetectedLines(boxes, list(crops))
+
+    def _read(self, image: UInt8Array, *, whole_crop: bool = False) -> tuple[str, float]:
+        """One text line's text and confidence."""
+        from rapidocr.ch_ppocr_rec import TextRecInput
+
+        engine = self._steps()
+        if whole_crop:  # a region that is one line: rapidocr's own bounds first
+            image, _ = engine.preprocess_img(image)
+        out = engine._load_rec_model()(TextRecInput(img=[image]))
+        return str(out.txts[0]), float(out.scores[0])
+
+    def _assemble(self, found: _DetectedLines, reads: Sequence[tuple[str, float]]) -> str:
+        """The region's text from its lines: blank and low-confidence lines dropped."""
+        min_score = self._steps().text_score
+        keep = [i for i, (text, score) in enumerate(reads) if text.strip() and score >= min_score]
+        return "\n".join(_lines_in_order(found.boxes[keep], [reads[i][0] for i in keep]))
+
+    def _result(self, text: str, start: float) -> RecognitionResult:
+        return RecognitionResult(
+            text=text, stats={"model": self.model, "latency_s": time.perf_counter() - start})
+
+    # -- inline ----------------------------------------------------------------------
 
     def _one(self, task: RegionTask) -> RecognitionResult:
-        block, line = self._engines()
         start = time.perf_counter()
-        image = task.image
-        if image.shape[0] <= self._cfg.single_line_max_height_px:
-            out = line(image, use_det=False, use_cls=False, use_rec=True)
-            lines = [t for t in (out.txts or ()) if t.strip()]
-        else:
-            out = block(image, use_det=True, use_cls=False, use_rec=True)
-            lines = _lines_in_order(out.boxes, out.txts)
-        return RecognitionResult(
-            text="\n".join(lines),
-            stats={"model": self.model, "latency_s": time.perf_counter() - start},
-        )
+        if self._is_line(task):
+            text, _ = self._read(task.image, whole_crop=True)
+            return self._result(text if text.strip() else "", start)
+        found = self._detect(task.image)
+        return self._result(self._assemble(found, [self._read(c) for c in found.crops]), start)
 
     def recognize(self, tasks: Sequence[RegionTask]) -> list[RecognitionResult]:
         results: list[RecognitionResult] = []
@@ -104,11 +158,186 @@ class RapidOCRRecognizer:
             try:
                 results.append(self._one(task))
             except Exception as exc:
-                results.append(RecognitionResult(text=None, error=f"{type(exc).__name__}: {exc}"))
+                results.append(_failed(exc))
         return results
 
+    # -- pooled ----------------------------------------------------------------------
+
+    def submit(
+        self, tasks: Sequence[RegionTask]
+    ) -> concurrent.futures.Future[list[RecognitionResult]]:
+        """Queue ``tasks`` on the worker pool; resolves to one result per task, in order."""
+        future: concurrent.futures.Future[list[RecognitionResult]] = concurrent.futures.Future()
+        page = _PageWork(len(tasks), future)
+        if not tasks:
+            future.set_result([])
+            return future
+        pool = self._job_pool()
+        order = next(self._pages)
+        with self._pool_lock:
+            self._pending.add(page)
+        future.add_done_callback(lambda _: self._forget(page))
+        for i, task in enumerate(tasks):
+            pool.put(order, functools.partial(self._region_job, pool, order, page, i, task))
+        return future
+
+    def _forget(self, page: _PageWork) -> None:
+        with self._pool_lock:
+            self._pending.discard(page)
+
+    def _job_pool(self) -> _JobPool:
+        with self._pool_lock:
+            if self._closed:
+                raise RecognitionError("the rapidocr recogniser is closed")
+            if self._pool is None:
+                self._pool = _JobPool(self._cfg.workers)
+            return self._pool
+
+    def _region_job(self, pool: _JobPool, order: int, page: _PageWork, index: int,
+                    task: RegionTask) -> None:
+        start = time.perf_counter()
+        try:
+            if self._is_line(task):
+                text, _ = self._read(task.image, whole_crop=True)
+                page.done(index, self._result(text if text.strip() else "", start))
+                return
+            found = self._detect(task.image)
+        except Exception as exc:
+            page.done(index, _failed(exc))
+            return
+        if not found.crops:
+            page.done(index, self._result("", start))
+            return
+        region = _RegionWork(len(found.crops))
+        try:
+            for line, crop in enumerate(found.crops):
+                pool.put(order, functools.partial(
+                    self._line_job, page, index, region, found, line, crop, start))
+        except RecognitionError as exc:  # closed meanwhile: close() fails the page
+            page.fail(exc)
+
+    def _line_job(self, page: _PageWork, index: int, region: _RegionWork,
+                  found: _DetectedLines, line: int, crop: UInt8Array, start: float) -> None:
+        try:
+            read: tuple[str, float] | Exception = self._read(crop)
+        except Exception as exc:
+            read = exc
+        reads = region.done(line, read)
+        if reads is None:
+            return  # other lines of the region are still being read
+        failure = next((r for r in reads if isinstance(r, Exception)), None)
+        if failure is not None:
+            page.done(index, _failed(failure))
+            return
+        try:
+            page.done(index, self._result(self._assemble(found, reads), start))  # type: ignore[arg-type]
+        except Exception as exc:
+            page.done(index, _failed(exc))
+
     def close(self) -> None:
-        self._local = threading.local()
+        with self._pool_lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
+            pending, self._pending = list(self._pending), set()
+        if pool is not None:
+            pool.close()
+        for page in pending:
+            page.fail(RecognitionError("the rapidocr recogniser was closed"))
+
+
+def _failed(exc: BaseException) -> RecognitionResult:
+    return RecognitionResult(text=None, error=f"{type(exc).__name__}: {exc}")
+
+
+@dataclass(frozen=True, slots=True)
+class _DetectedLines:
+    boxes: np.ndarray  # (N, 4, 2) line quadrilaterals in the region crop's pixels
+    crops: list[UInt8Array]  # the N line images, in the same order
+
+
+class _PageWork:
+    """One submitted page: its region results fill in from any worker, in any order."""
+
+    def __init__(self, regions: int,
+                 future: concurrent.futures.Future[list[RecognitionResult]]) -> None:
+        self._results: list[RecognitionResult | None] = [None] * regions
+        self._left = regions
+        self._lock = threading.Lock()
+        self.future = future
+
+    def done(self, index: int, result: RecognitionResult) -> None:
+        with self._lock:
+            self._results[index] = result
+            self._left -= 1
+            finished = self._left == 0
+        if finished:
+            with contextlib.suppress(concurrent.futures.InvalidStateError):  # failed on close
+                self.future.set_result([r for r in self._results if r is not None])
+
+    def fail(self, exc: BaseException) -> None:
+        with contextlib.suppress(concurrent.futures.InvalidStateError):
+            self.future.set_exception(exc)
+
+
+class _RegionWork:
+    """The lines of one region being read by several workers."""
+
+    def __init__(self, lines: int) -> None:
+        self._reads: list[tuple[str, float] | Exception | None] = [None] * lines
+        self._left = lines
+        self._lock = threading.Lock()
+
+    def done(self, line: int, read: tuple[str, float] | Exception
+             ) -> list[tuple[str, float] | Exception] | None:
+        """Record one line; returns every line's read once the last one is in."""
+        with self._lock:
+            self._reads[line] = read
+            self._left -= 1
+            if self._left:
+                return None
+        return [r for r in self._reads if r is not None]
+
+
+class _JobPool:
+    """Worker threads taking jobs oldest page first (FIFO within a page)."""
+
+    def __init__(self, workers: int) -> None:
+        self._heap: list[tuple[int, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._threads = [threading.Thread(target=self._work, name=f"folio-rapidocr-{i}",
+                                          daemon=True) for i in range(workers)]
+        for thread in self._threads:
+            thread.start()
+
+    def put(self, page_order: int, job: Callable[[], None]) -> None:
+        with self._cond:
+            if self._closed:
+                raise RecognitionError("the rapidocr recogniser is closed")
+            heapq.heappush(self._heap, (page_order, next(self._seq), job))
+            self._cond.notify()
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._heap and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                _, _, job = heapq.heappop(self._heap)
+            try:
+                job()  # jobs record their own failures in their page's results
+            except Exception:  # a bug: keep the worker alive for the other pages
+                log.exception("rapidocr job failed")
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._heap.clear()
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join()
 
 
 def _lines_in_order(boxes: Any, txts: Sequence[str] | None) -> list[str]:

@@ -29,12 +29,13 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from corpus import CORPUS_PAGES
 from PIL import Image
 
 from orchestrator.config import SourceConfig
 from orchestrator.sources import open_sources
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "pages"
+CORPUS = CORPUS_PAGES
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
 

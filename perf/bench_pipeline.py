@@ -23,10 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from corpus import CORPUS_PAGES
+
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("naive", "naive-staged", "pipeline")
 DEFAULT_SOURCES = [
-    REPO.parent / "shared" / "corpus" / "pages" / name
+    CORPUS_PAGES / name
     for name in ("typewriter.png", "baiona.png", "multipage.pdf", "cardinal.pdf", "epson.pdf")
 ]
 

@@ -11,8 +11,8 @@ databases in a temp dir:
 5. a commit per row with SQLite's defaults (rollback journal, synchronous=FULL): what a
    naive "insert and commit inside the inference loop" writer does.
 
-The per-row writers do the same upsert/delete/insert statements as the sink, only each
-statement commits on its own. Run::
+The per-row writers run the sink's own ``_Writer`` on an autocommit connection: the same
+upsert/delete/insert statements, only each statement commits on its own. Run::
 
     .venv/bin/python perf/bench_sink.py [--pages 2000] [--regions 10] [--per-row-pages N]
 
@@ -29,14 +29,7 @@ import time
 from pathlib import Path
 
 from orchestrator.config import SinkConfig
-from orchestrator.sink import (
-    _INSERT_REGION,
-    _UPSERT_PAGE,
-    SCHEMA,
-    SQLiteSink,
-    _now,
-    _region_row,
-)
+from orchestrator.sink import SQLiteSink, _now, _Writer, ensure_schema
 from orchestrator.types import PageOutcome, PageRef, RecognitionResult, Region, Task
 
 WORDS = [
@@ -93,32 +86,19 @@ def bench_write_batch(path: Path, data: list[PageOutcome], cfg: SinkConfig) -> f
 
 
 def bench_per_row(path: Path, data: list[PageOutcome], pragmas: tuple[str, ...]) -> float:
-    """Every statement its own transaction (autocommit), same statements as the sink."""
+    """Every statement its own transaction (autocommit), through the sink's own writer."""
     start = time.perf_counter()
     conn = sqlite3.connect(str(path), isolation_level=None)
     for pragma in pragmas:
         conn.execute(f"PRAGMA {pragma}")
     conn.execute("PRAGMA foreign_keys = ON")
-    conn.executescript(SCHEMA)
+    ensure_schema(conn, path)
     conn.execute(
         "INSERT INTO runs (started_at, config, manifest) VALUES (?, '{}', '{}')", (_now(),)
     )
-    doc_ids: dict[str, int] = {}
-    for o in data:
-        doc = doc_ids.get(o.ref.source)
-        if doc is None:
-            doc = conn.execute(
-                "INSERT INTO documents (source, run_id) VALUES (?, 1) RETURNING id", (o.ref.source,)
-            ).fetchone()[0]
-            doc_ids[o.ref.source] = doc
-        t = o.timings
-        (page_id,) = conn.execute(_UPSERT_PAGE, (
-            doc, o.ref.page, 1, o.status, o.error, o.width, o.height, t.get("read_s"),
-            t.get("decode_s"), t.get("layout_s"), t.get("crop_s"), t.get("recognize_s"), _now(),
-        )).fetchone()
-        conn.execute("DELETE FROM regions WHERE page_id = ?", (page_id,))
-        for region, result in o.regions:
-            conn.execute(_INSERT_REGION, _region_row(page_id, region, result))
+    writer = _Writer(conn)
+    for outcome in data:
+        writer.write([outcome], 1)
     conn.close()
     return time.perf_counter() - start
 

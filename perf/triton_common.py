@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python perf/triton_*.py` from anywhere
     sys.path.insert(0, str(ROOT))
 
-CORPUS_PAGES = Path(os.environ.get("FOLIO_SHARED") or ROOT.parent / "shared") / "corpus" / "pages"
+from corpus import CORPUS_PAGES  # noqa: E402  (after the sys.path fix above)
+
 RESULTS = ROOT / "perf" / "results"
 STEPS = ("preprocess", "layout", "postprocess")
 CONCURRENCY = (1, 2, 4, 8)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import cv2
@@ -11,6 +12,7 @@ from textmetrics import word_f1
 
 from orchestrator.config import CropConfig, RecognizeConfig
 from orchestrator.crop import crop_bounds, crop_region, region_tasks
+from orchestrator.errors import RecognitionError
 from orchestrator.recognize import RapidOCRRecognizer, Recognizer, _lines_in_order
 from orchestrator.types import DecodedPage, LayoutResult, PageRef, Region, RegionTask, Task
 
@@ -87,3 +89,82 @@ def test_a_failing_region_is_an_error_result_not_a_crash(recognizer: RapidOCRRec
     out = recognizer.recognize([bad, good])
     assert out[0].text is None and out[0].error
     assert out[1].error is None and out[1].text == ""
+
+
+def _linn_tasks(corpus_dir: Path, page: int = 1) -> list[RegionTask]:
+    """linn.png cut into a heading band, two column blocks and a one-line strip."""
+    image = cv2.imread(str(corpus_dir / "pages" / "linn.png"))
+    h, w = image.shape[:2]
+    boxes = [(0, 0, w, h // 3), (0, h // 3, w // 2, 2 * h // 3), (w // 2, h // 3, w, 2 * h // 3),
+             (0, 2 * h // 3, w, h)]
+    tasks = [RegionTask(ref=PageRef("linn", page), region=_region(i, box),
+                        image=image[box[1]:box[3], box[0]:box[2]])
+             for i, box in enumerate(boxes)]
+    # a crop no taller than one line goes to recognition only
+    line = image[h // 3 + 40 : h // 3 + 90, 0 : w // 2]
+    tasks.append(RegionTask(ref=PageRef("linn", page), region=_region(len(boxes), (0, 0, 1, 1)),
+                            image=line))
+    return tasks
+
+
+def test_pooled_recognition_reads_what_the_inline_path_reads(corpus_dir: Path) -> None:
+    """submit() spreads detections and lines over the pool; the text is the same."""
+    rec = RapidOCRRecognizer(RecognizeConfig(workers=2))
+    try:
+        pages = [_linn_tasks(corpus_dir, page) for page in (1, 2, 3)]
+        inline = [[r.text for r in rec.recognize(tasks)] for tasks in pages]
+        futures = [rec.submit(tasks) for tasks in pages]
+        pooled = [[r.text for r in f.result(timeout=300)] for f in futures]
+    finally:
+        rec.close()
+    assert pooled == inline
+    assert inline[0][4] and inline[0][4] in inline[0][1]  # the strip is a line of column 1
+    expected = (corpus_dir / "pages" / "linn.txt").read_text(encoding="utf-8")
+    assert word_f1("\n".join(t or "" for t in pooled[2][:4]), expected) >= 0.9
+
+
+def test_pool_reads_the_lines_of_one_region_on_every_worker(corpus_dir: Path,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    """One big region alone still keeps both workers busy: lines are separate jobs."""
+    rec = RapidOCRRecognizer(RecognizeConfig(workers=2))
+    threads: set[str] = set()
+    read = rec._read
+
+    def recording_read(image: np.ndarray, *, whole_crop: bool = False) -> tuple[str, float]:
+        threads.add(threading.current_thread().name)
+        return read(image, whole_crop=whole_crop)
+
+    monkeypatch.setattr(rec, "_read", recording_read)
+    try:
+        [block] = rec.submit(_linn_tasks(corpus_dir)[:1]).result(timeout=300)
+    finally:
+        rec.close()
+    assert block.error is None and block.text and block.text.count("\n") >= 5
+    assert threads == {"folio-rapidocr-0", "folio-rapidocr-1"}
+
+
+def test_pool_failures_stay_in_their_region_and_close_fails_what_is_left(
+        corpus_dir: Path) -> None:
+    rec = RapidOCRRecognizer(RecognizeConfig(workers=1))
+    bad = RegionTask(ref=PageRef("x", 1), region=_region(0, (0, 0, 1, 1)),
+                     image=np.zeros((0, 0, 3), np.uint8))
+    blank = RegionTask(ref=PageRef("x", 1), region=_region(1, (0, 0, 10, 10)),
+                       image=np.full((100, 100, 3), 255, np.uint8))
+    out = rec.submit([bad, blank]).result(timeout=60)
+    assert out[0].text is None and out[0].error
+    assert out[1].error is None and out[1].text == ""
+    assert rec.submit([]).result(timeout=1) == []
+    # one worker, many pages queued: closing must fail the unfinished ones, not hang them
+    futures = [rec.submit(_linn_tasks(corpus_dir, page)) for page in range(6)]
+    rec.close()
+    outcomes = []
+    for future in futures:
+        try:
+            future.result(timeout=60)
+            outcomes.append("done")
+        except RecognitionError:
+            outcomes.append("failed")
+    assert outcomes[-1] == "failed"
+    with pytest.raises(RecognitionError):
+        rec.submit([blank]).result(timeout=60)

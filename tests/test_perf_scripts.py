@@ -1,0 +1,53 @@
+"""The benchmarks in perf/ still run: each at a tiny size, checking what it prints.
+
+These are not speed tests (no timing is asserted); they keep the scripts that produce
+perf/RESULTS.md from drifting away from the code they measure.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import CORPUS, REPO_ROOT
+
+PERF = REPO_ROOT / "perf"
+
+
+def _run(script: str, *args: str, timeout: float = 600) -> str:
+    env = {**os.environ, "FOLIO_SHARED": str(CORPUS.parent)}
+    done = subprocess.run([sys.executable, str(PERF / script), *args], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def _ratios(out: str) -> list[float]:
+    return [float(x) for x in re.findall(r"(\d+(?:\.\d+)?)x\b", out)]
+
+
+def test_bench_sink_compares_batched_with_commit_per_row() -> None:
+    out = _run("bench_sink.py", "--pages", "30", "--regions", "3")
+    assert "30 pages x 3 regions = 120 rows" in out
+    assert len(_ratios(out)) == 3 and all(r > 0 for r in _ratios(out))
+
+
+def test_bench_postprocess_checks_both_nms_agree() -> None:
+    out = _run("bench_postprocess.py", "--number", "2", "--repeats", "1")
+    assert re.search(r"^postprocess, batch 8: +[\d.]+ ms/page", out, re.M), out
+    assert re.search(r"ratio Python pairwise NMS / numpy NMS: +[\d.]+x", out), out
+
+
+def test_bench_ingest_reads_every_layout() -> None:
+    out = _run("bench_ingest.py", "--rows", "60", "--naive-rows", "20", "--repeat", "1")
+    assert len(re.findall(r"^  folio +[\d,]+ pages/s .*\(60 pages in", out, re.M)) == 3, out
+
+
+def test_bench_pipeline_runs_every_mode_on_the_same_pages(corpus_dir: Path) -> None:
+    out = _run("bench_pipeline.py", "--pages", "1", str(corpus_dir / "pages" / "linn.png"))
+    for mode in ("naive ", "naive-staged", "pipeline "):
+        assert re.search(rf"^{mode}\s*1 pages in", out, re.M), out
+    assert len(_ratios(out)) == 2
