@@ -8,7 +8,10 @@ with bounded queues and gives each stage a capped thread pool.
 Each mode runs in its own subprocess (thread settings are per process), on the same
 pages, alternating, after a warm-up page.
 
-    .venv/bin/python perf/bench_pipeline.py [--pages N] [--rounds R] [SOURCE...]
+    .venv/bin/python perf/bench_pipeline.py [--pages N] [--rounds R] [--modes M,...] [SOURCE...]
+
+``pipeline-page-workers`` (not run by default) is the pipeline with rapidocr's worker
+pool hidden, each recognition thread taking a whole page: what the pool gains.
 """
 
 from __future__ import annotations
@@ -22,11 +25,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from corpus import CORPUS_PAGES
 
 REPO = Path(__file__).resolve().parents[1]
-MODES = ("naive", "naive-staged", "pipeline")
+MODES = ("naive", "naive-staged", "pipeline", "pipeline-page-workers")
+DEFAULT_MODES = MODES[:3]
 DEFAULT_SOURCES = [
     CORPUS_PAGES / name
     for name in ("typewriter.png", "baiona.png", "multipage.pdf", "cardinal.pdf", "epson.pdf")
@@ -76,12 +81,31 @@ def _naive(sources: list[str], db: Path, limit: int, staged: bool = False) -> di
     return {"pages": pages, "elapsed_s": elapsed}
 
 
-def _pipeline(sources: list[str], db: Path, limit: int) -> dict[str, float]:
+class _OnePagePerWorker:
+    """rapidocr without its pool: the pipeline then gives each worker thread a whole page
+    (how folio ran before the pool), for the ``pipeline-page-workers`` mode."""
+
+    name = "rapidocr"
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.model = inner.model
+
+    def recognize(self, tasks: Any) -> Any:
+        return self._inner.recognize(tasks)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+def _pipeline(sources: list[str], db: Path, limit: int, pool: bool = True) -> dict[str, float]:
     from orchestrator.config import FolioConfig
     from orchestrator.pipeline import Pipeline
+    from orchestrator.recognize import RapidOCRRecognizer
 
     cfg = FolioConfig().override({"pipeline.limit": limit})
-    pipeline = Pipeline(cfg)
+    pipeline = Pipeline(cfg, recognizer=None if pool else _OnePagePerWorker(
+        RapidOCRRecognizer(cfg.recognize)))
     try:
         summary = pipeline.run(sources, db)
     finally:
@@ -93,7 +117,8 @@ def _pipeline(sources: list[str], db: Path, limit: int) -> dict[str, float]:
 def _child(mode: str, sources: list[str], limit: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         runner = {"naive": _naive, "pipeline": _pipeline,
-                  "naive-staged": functools.partial(_naive, staged=True)}[mode]
+                  "naive-staged": functools.partial(_naive, staged=True),
+                  "pipeline-page-workers": functools.partial(_pipeline, pool=False)}[mode]
         # Warm-up: load models and first-call allocations outside the timed run.
         runner(sources, Path(tmp) / "warm.db", 1)
         cpu = time.process_time()
@@ -107,14 +132,19 @@ def main() -> None:
     parser.add_argument("sources", nargs="*", default=[str(s) for s in DEFAULT_SOURCES])
     parser.add_argument("--pages", type=int, default=14)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--modes", default=",".join(DEFAULT_MODES),
+                        help=f"comma-separated, from {','.join(MODES)}")
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(_child(args.child, args.sources, args.pages)))
         return
-    results: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
+    modes = args.modes.split(",")
+    if unknown := set(modes) - set(MODES):
+        parser.error(f"unknown modes: {', '.join(sorted(unknown))}")
+    results: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
     for _ in range(args.rounds):
-        for mode in MODES:
+        for mode in modes:
             out = subprocess.run(
                 [sys.executable, __file__, "--child", mode, "--pages", str(args.pages),
                  *args.sources], check=True, capture_output=True, text=True, cwd=REPO,
@@ -126,10 +156,23 @@ def main() -> None:
                   f"{result['cpu_s'] / result['elapsed_s']:.2f} cores busy", flush=True)
     rate = {m: sum(r["pages"] for r in rs) / sum(r["elapsed_s"] for r in rs)
             for m, rs in results.items()}
-    for baseline in ("naive", "naive-staged"):
-        print(f"pipeline / {baseline} = {rate['pipeline'] / rate[baseline]:.2f}x "
-              f"({rate['pipeline']:.3f} vs {rate[baseline]:.3f} pages/s, "
-              f"{os.cpu_count()} cores)")
+    for baseline in ("naive", "naive-staged", "pipeline-page-workers"):
+        if "pipeline" in rate and baseline in rate:
+            print(f"pipeline / {baseline} = {rate['pipeline'] / rate[baseline]:.2f}x "
+                  f"({rate['pipeline']:.3f} vs {rate[baseline]:.3f} pages/s, "
+                  f"{os.cpu_count()} cores)")
+    if "pipeline" in rate and "naive-staged" in rate:
+        # The single-threaded loop's CPU per page is the work itself (no overlap, no
+        # spinning): no schedule of it on N cores beats N / work pages/s.
+        staged = results["naive-staged"]
+        work = sum(r["cpu_s"] for r in staged) / sum(r["pages"] for r in staged)
+        cores = os.cpu_count() or 1
+        ceiling = cores / work
+        print(f"work: {work:.2f} CPU-s/page; {cores}-core ceiling {ceiling:.3f} pages/s; "
+              f"pipeline at {rate['pipeline'] / ceiling:.0%} of it")
+        if "naive" in rate:
+            print(f"ceiling / naive = {ceiling / rate['naive']:.2f}x (the most any schedule of "
+                  f"this work could gain over the default-threads loop)")
 
 
 if __name__ == "__main__":

@@ -139,7 +139,7 @@ def main() -> None:
           f"(per-row writers: first {len(slow)} pages = {slow_rows} rows); "
           f"batch_rows={cfg.batch_rows}, {commits} writer commits")
     for name, rate in rates.items():
-        print(f"  {name:58s} {rate:12,.0f} rows/s")
+        print(f"  {name:58s} {rate:12,.0f} rows/s {1e6 / rate:8.1f} us/row")
     base = rates["sink submit (writer thread, batched)"]
     print(f"ratio batched (submit) / commit-per-row WAL+NORMAL : "
           f"{base / rates['commit per row, WAL + synchronous=NORMAL']:8.1f}x")

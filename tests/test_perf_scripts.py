@@ -50,4 +50,5 @@ def test_bench_pipeline_runs_every_mode_on_the_same_pages(corpus_dir: Path) -> N
     out = _run("bench_pipeline.py", "--pages", "1", str(corpus_dir / "pages" / "linn.png"))
     for mode in ("naive ", "naive-staged", "pipeline "):
         assert re.search(rf"^{mode}\s*1 pages in", out, re.M), out
-    assert len(_ratios(out)) == 2
+    assert re.search(r"^work: [\d.]+ CPU-s/page; \d+-core ceiling", out, re.M), out
+    assert len(_ratios(out)) == 3
