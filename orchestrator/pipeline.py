@@ -183,8 +183,8 @@ class Pipeline:
         from importlib.metadata import PackageNotFoundError, version
 
         packages: dict[str, str | None] = {}
-        for name in ("folio-ocr", "torch", "nvidia-dali-cuda120", "onnxruntime", "rapidocr",
-                     "pypdfium2", "numpy", "pyarrow"):
+        for name in ("folio-ocr", "torch", "nvidia-dali-cuda120", "onnxruntime", "openvino",
+                     "rapidocr", "pypdfium2", "numpy", "pyarrow"):
             try:
                 packages[name] = version(name)
             except PackageNotFoundError:

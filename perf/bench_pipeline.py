@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,20 @@ DEFAULT_SOURCES = [
 ]
 
 
-def _naive(sources: list[str], db: Path, limit: int, staged: bool = False) -> dict[str, float]:
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs; VALUE read as a TOML value when it is one, else a string."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        try:
+            out[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = value
+    return out
+
+
+def _naive(sources: list[str], db: Path, limit: int, overrides: dict[str, Any],
+           staged: bool = False) -> dict[str, float]:
     from orchestrator.config import FolioConfig
     from orchestrator.crop import region_tasks
     from orchestrator.decode import Decoder
@@ -49,7 +63,7 @@ def _naive(sources: list[str], db: Path, limit: int, staged: bool = False) -> di
     from orchestrator.types import PageOutcome
 
     cores = os.cpu_count() or 1
-    cfg = FolioConfig().override({"decode.batch_size": 1})
+    cfg = FolioConfig().override({**overrides, "decode.batch_size": 1})
     if not staged:
         cfg = cfg.override({"decode.threads": cores, "layout.threads": cores,
                             "recognize.threads": cores})
@@ -98,12 +112,13 @@ class _OnePagePerWorker:
         self._inner.close()
 
 
-def _pipeline(sources: list[str], db: Path, limit: int, pool: bool = True) -> dict[str, float]:
+def _pipeline(sources: list[str], db: Path, limit: int, overrides: dict[str, Any],
+              pool: bool = True) -> dict[str, float]:
     from orchestrator.config import FolioConfig
     from orchestrator.pipeline import Pipeline
     from orchestrator.recognize import RapidOCRRecognizer
 
-    cfg = FolioConfig().override({"pipeline.limit": limit})
+    cfg = FolioConfig().override({**overrides, "pipeline.limit": limit})
     pipeline = Pipeline(cfg, recognizer=None if pool else _OnePagePerWorker(
         RapidOCRRecognizer(cfg.recognize)))
     try:
@@ -114,15 +129,16 @@ def _pipeline(sources: list[str], db: Path, limit: int, pool: bool = True) -> di
     return {"pages": summary.pages, "elapsed_s": summary.elapsed_s}
 
 
-def _child(mode: str, sources: list[str], limit: int) -> dict[str, float]:
+def _child(mode: str, sources: list[str], limit: int,
+           overrides: dict[str, Any]) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         runner = {"naive": _naive, "pipeline": _pipeline,
                   "naive-staged": functools.partial(_naive, staged=True),
                   "pipeline-page-workers": functools.partial(_pipeline, pool=False)}[mode]
         # Warm-up: load models and first-call allocations outside the timed run.
-        runner(sources, Path(tmp) / "warm.db", 1)
+        runner(sources, Path(tmp) / "warm.db", 1, overrides)
         cpu = time.process_time()
-        result = runner(sources, Path(tmp) / "bench.db", limit)
+        result = runner(sources, Path(tmp) / "bench.db", limit, overrides)
         result["cpu_s"] = time.process_time() - cpu
         return result
 
@@ -134,10 +150,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--modes", default=",".join(DEFAULT_MODES),
                         help=f"comma-separated, from {','.join(MODES)}")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every mode, e.g. recognize.precision=bf16")
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(_child(args.child, args.sources, args.pages)))
+        print(json.dumps(_child(args.child, args.sources, args.pages, _overrides(args.set))))
         return
     modes = args.modes.split(",")
     if unknown := set(modes) - set(MODES):
@@ -147,7 +165,8 @@ def main() -> None:
         for mode in modes:
             out = subprocess.run(
                 [sys.executable, __file__, "--child", mode, "--pages", str(args.pages),
-                 *args.sources], check=True, capture_output=True, text=True, cwd=REPO,
+                 *(f"--set={kv}" for kv in args.set), *args.sources],
+                check=True, capture_output=True, text=True, cwd=REPO,
             ).stdout.strip().splitlines()[-1]
             result = json.loads(out)
             results[mode].append(result)

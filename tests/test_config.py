@@ -27,6 +27,8 @@ def test_file_then_flags_override_defaults(tmp_path: Path) -> None:
     ({"layout.nms_iou": 7.0}, "layout.nms_iou"),
     ({"sources.dpi": "high"}, "sources.dpi must be an integer"),
     ({"sink.batch_rows": 0}, "sink.batch_rows"),
+    ({"recognize.precision": "int4"}, "recognize.precision must be fp32|bf16|auto"),
+    ({"recognize.bf16_width_bucket_px": 0}, "recognize.bf16_width_bucket_px"),
     ({"layout.label_tasks": {"figure": "paint"}}, "unknown task 'paint'"),
     ({"nope.key": 1}, "unknown config section"),
     ({"layout.nope": 1}, "unknown config key layout.nope"),

@@ -12,8 +12,16 @@ from textmetrics import word_f1
 
 from orchestrator.config import CropConfig, RecognizeConfig
 from orchestrator.crop import crop_bounds, crop_region, region_tasks
-from orchestrator.errors import RecognitionError
-from orchestrator.recognize import RapidOCRRecognizer, Recognizer, _lines_in_order
+from orchestrator.errors import ConfigError, RecognitionError
+from orchestrator.recognize import (
+    REC_MODEL,
+    RapidOCRRecognizer,
+    Recognizer,
+    _lines_in_order,
+    _OpenVINOBF16Session,
+    _rapidocr_models,
+    cpu_has_native_bf16,
+)
 from orchestrator.types import DecodedPage, LayoutResult, PageRef, Region, RegionTask, Task
 
 
@@ -168,3 +176,39 @@ def test_pool_failures_stay_in_their_region_and_close_fails_what_is_left(
     assert outcomes[-1] == "failed"
     with pytest.raises(RecognitionError):
         rec.submit([blank]).result(timeout=60)
+
+
+def test_bf16_recognition_reads_linn_as_fp32_does(corpus_dir: Path) -> None:
+    """precision auto picks BF16 exactly where the CPU computes it natively; BF16 reads
+    the page as well as fp32 (this box: AVX512-BF16, so the BF16 branch runs here)."""
+    tasks = _linn_tasks(corpus_dir)
+    fp32 = RapidOCRRecognizer(RecognizeConfig())
+    assert fp32.precision == "fp32" and fp32.model.endswith(":rec-fp32")  # the default
+    if not cpu_has_native_bf16():
+        assert RapidOCRRecognizer(RecognizeConfig(precision="auto")).precision == "fp32"
+        with pytest.raises(ConfigError, match="native BF16"):
+            RapidOCRRecognizer(RecognizeConfig(precision="bf16"))
+        return
+    bf16 = RapidOCRRecognizer(RecognizeConfig(precision="auto"))
+    assert bf16.precision == "bf16" and bf16.model.endswith(":rec-bf16")
+    try:
+        read_fp32 = "\n".join(r.text or "" for r in fp32.recognize(tasks[:4]))
+        results = bf16.submit(tasks[:4]).result(timeout=300)
+    finally:
+        bf16.close()
+    assert all(r.error is None for r in results)
+    read_bf16 = "\n".join(r.text or "" for r in results)
+    expected = (corpus_dir / "pages" / "linn.txt").read_text(encoding="utf-8")
+    assert word_f1(read_bf16, expected) >= 0.95
+    assert word_f1(read_bf16, read_fp32) >= 0.98
+
+
+def test_bf16_line_inputs_are_padded_to_the_width_bucket() -> None:
+    if not cpu_has_native_bf16():
+        pytest.skip("no native BF16 on this CPU: the BF16 session is never built here "
+                    "(the refusal is tested above)")
+    session = _OpenVINOBF16Session(_rapidocr_models() / REC_MODEL, threads=1, width_bucket=32)
+    rng = np.random.default_rng(0)
+    steps = {w: session(rng.standard_normal((1, 3, 48, w)).astype(np.float32)).shape[1]
+             for w in (321, 352, 353)}
+    assert steps[321] == steps[352] < steps[353]  # 321 and 352 both run at 352
