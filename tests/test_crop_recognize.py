@@ -182,14 +182,14 @@ def test_bf16_recognition_reads_linn_as_fp32_does(corpus_dir: Path) -> None:
     """precision auto picks BF16 exactly where the CPU computes it natively; BF16 reads
     the page as well as fp32 (this box: AVX512-BF16, so the BF16 branch runs here)."""
     tasks = _linn_tasks(corpus_dir)
-    fp32 = RapidOCRRecognizer(RecognizeConfig())
-    assert fp32.precision == "fp32" and fp32.model.endswith(":rec-fp32")  # the default
+    fp32 = RapidOCRRecognizer(RecognizeConfig(precision="fp32"))
+    assert fp32.precision == "fp32" and fp32.model.endswith(":rec-fp32")
     if not cpu_has_native_bf16():
         assert RapidOCRRecognizer(RecognizeConfig(precision="auto")).precision == "fp32"
         with pytest.raises(ConfigError, match="native BF16"):
             RapidOCRRecognizer(RecognizeConfig(precision="bf16"))
         return
-    bf16 = RapidOCRRecognizer(RecognizeConfig(precision="auto"))
+    bf16 = RapidOCRRecognizer(RecognizeConfig())  # the default, auto
     assert bf16.precision == "bf16" and bf16.model.endswith(":rec-bf16")
     try:
         read_fp32 = "\n".join(r.text or "" for r in fp32.recognize(tasks[:4]))
