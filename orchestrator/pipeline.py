@@ -343,7 +343,7 @@ class Pipeline:
                     failed = RecognitionResult(text=None, error=f"recognition failed: {exc}")
                     results = [failed] * len(pending.tasks)
                 emit(self._outcome(pending.page, pending.layout, pending.tasks, results,
-                                   pending.crop_s, pending.recognize_s))
+                                   pending.crop_s, _recognize_seconds(pending, results)))
 
         threads = [threading.Thread(target=guarded(fn), name=f"folio-{name}", daemon=True)
                    for name, fn in (("read", reader), ("decode", decoder), ("layout", layout))]
@@ -435,6 +435,16 @@ class _Counter:
             for key, seconds in outcome.timings.items():
                 stage = key.removesuffix("_s")
                 s.stage_s[stage] = s.stage_s.get(stage, 0.0) + seconds
+
+
+def _recognize_seconds(pending: _InFlight, results: Sequence[RecognitionResult]) -> float:
+    """A page's recognition time: the thread-seconds its regions took where the recogniser
+    reports them (rapidocr's pool, whose pages overlap in the queue), else how long the
+    page waited for its results (vLLM: the work happens on the server)."""
+    work = [r.stats.get("work_s") for r in results]
+    if work and all(isinstance(w, float) for w in work):
+        return float(sum(w for w in work if isinstance(w, float)))
+    return pending.recognize_s
 
 
 def _times(page: DecodedPage) -> dict[str, float]:

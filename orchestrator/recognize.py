@@ -210,9 +210,13 @@ class RapidOCRRecognizer:
         keep = [i for i, (text, score) in enumerate(reads) if text.strip() and score >= min_score]
         return "\n".join(_lines_in_order(found.boxes[keep], [reads[i][0] for i in keep]))
 
-    def _result(self, text: str, start: float) -> RecognitionResult:
-        return RecognitionResult(
-            text=text, stats={"model": self.model, "latency_s": time.perf_counter() - start})
+    def _result(self, text: str, start: float, work_s: float | None = None) -> RecognitionResult:
+        """``latency_s``: the region's wall time; ``work_s``: the thread-seconds spent on it
+        (the same inline; in the pool, its detection plus every line, wherever they ran)."""
+        latency = time.perf_counter() - start
+        return RecognitionResult(text=text, stats={
+            "model": self.model, "latency_s": latency,
+            "work_s": latency if work_s is None else work_s})
 
     # -- inline ----------------------------------------------------------------------
 
@@ -280,7 +284,7 @@ class RapidOCRRecognizer:
         if not found.crops:
             page.done(index, self._result("", start))
             return
-        region = _RegionWork(len(found.crops))
+        region = _RegionWork(len(found.crops), time.perf_counter() - start)
         try:
             for line, crop in enumerate(found.crops):
                 pool.put(order, functools.partial(
@@ -290,11 +294,12 @@ class RapidOCRRecognizer:
 
     def _line_job(self, page: _PageWork, index: int, region: _RegionWork,
                   found: _DetectedLines, line: int, crop: UInt8Array, start: float) -> None:
+        began = time.perf_counter()
         try:
             read: tuple[str, float] | Exception = self._read(crop)
         except Exception as exc:
             read = exc
-        reads = region.done(line, read)
+        reads = region.done(line, read, time.perf_counter() - began)
         if reads is None:
             return  # other lines of the region are still being read
         failure = next((r for r in reads if isinstance(r, Exception)), None)
@@ -302,7 +307,8 @@ class RapidOCRRecognizer:
             page.done(index, _failed(failure))
             return
         try:
-            page.done(index, self._result(self._assemble(found, reads), start))  # type: ignore[arg-type]
+            text = self._assemble(found, reads)  # type: ignore[arg-type]
+            page.done(index, self._result(text, start, region.work_s))
         except Exception as exc:
             page.done(index, _failed(exc))
 
@@ -354,16 +360,18 @@ class _PageWork:
 class _RegionWork:
     """The lines of one region being read by several workers."""
 
-    def __init__(self, lines: int) -> None:
+    def __init__(self, lines: int, detect_s: float) -> None:
         self._reads: list[tuple[str, float] | Exception | None] = [None] * lines
         self._left = lines
         self._lock = threading.Lock()
+        self.work_s = detect_s  # thread-seconds so far: detection, then each line read
 
-    def done(self, line: int, read: tuple[str, float] | Exception
+    def done(self, line: int, read: tuple[str, float] | Exception, read_s: float
              ) -> list[tuple[str, float] | Exception] | None:
         """Record one line; returns every line's read once the last one is in."""
         with self._lock:
             self._reads[line] = read
+            self.work_s += read_s
             self._left -= 1
             if self._left:
                 return None
