@@ -149,7 +149,6 @@ class RecognizeConfig:
     precision: str = "auto"
     bf16_width_bucket_px: int = 32  # bf16: line inputs padded to a multiple of this width
     det_limit_side_len: int = 960
-    rec_batch_size: int = 1  # text lines per recognition call (GPU: larger)
     # Crops whose height is at most this many times a text line go straight to rec-only.
     single_line_max_height_px: int = 64
 

@@ -441,10 +441,10 @@ def _recognize_seconds(pending: _InFlight, results: Sequence[RecognitionResult])
     """A page's recognition time: the thread-seconds its regions took where the recogniser
     reports them (rapidocr's pool, whose pages overlap in the queue), else how long the
     page waited for its results (vLLM: the work happens on the server)."""
-    work = [r.stats.get("work_s") for r in results]
-    if work and all(isinstance(w, float) for w in work):
-        return float(sum(w for w in work if isinstance(w, float)))
-    return pending.recognize_s
+    work = [w for r in results if isinstance(w := r.stats.get("work_s"), float)]
+    if not results or len(work) != len(results):
+        return pending.recognize_s
+    return sum(work)
 
 
 def _times(page: DecodedPage) -> dict[str, float]:
