@@ -52,3 +52,12 @@ def test_bench_pipeline_runs_every_mode_on_the_same_pages(corpus_dir: Path) -> N
         assert re.search(rf"^{mode}\s*1 pages in", out, re.M), out
     assert re.search(r"^work: [\d.]+ CPU-s/page; \d+-core ceiling", out, re.M), out
     assert len(_ratios(out)) == 3
+
+
+def test_bench_recognize_compares_precisions_and_margins(corpus_dir: Path) -> None:
+    out = _run("bench_recognize.py", "--precisions", "fp32,fp32", "--margins", "4",
+               str(corpus_dir / "pages" / "linn.png"))
+    assert len(re.findall(r"^precision fp32 +recognition CPU", out, re.M)) == 2, out
+    # the same precision twice reads the same text: the comparison itself is checked
+    assert "fp32 vs fp32: word F1 1.0000, 0 line pairs differ" in out, out
+    assert re.search(r"^crop.margin_px +4: \d+ of \d+ text lines touch", out, re.M), out
