@@ -144,8 +144,8 @@ class RecognizeConfig:
     # The text-line recogniser's arithmetic. "fp32": onnxruntime, the reference numerics.
     # "bf16": OpenVINO in BF16, only on CPUs that compute it natively (AVX512-BF16, AMX):
     # 1.36-1.44x less recognition CPU, same linn F1, word F1 0.999 against fp32 over the
-    # corpus (perf/bench_recognize.py). "auto" (default): bf16 where native, else fp32. Line detection
-    # stays fp32 (its boxes decide the crops).
+    # corpus (perf/bench_recognize.py). "auto" (default): bf16 where native, else fp32.
+    # Line detection stays fp32 (its boxes decide the crops).
     precision: str = "auto"
     bf16_width_bucket_px: int = 32  # bf16: line inputs padded to a multiple of this width
     det_limit_side_len: int = 960
