@@ -84,6 +84,10 @@ def resolve_rec_precision(precision: str) -> str:
     return precision
 
 
+# Serialises each thread's first OpenVINO inference (see _OpenVINOBF16Session.__call__).
+_OPENVINO_FIRST_CALL = threading.Lock()
+
+
 class _OpenVINOBF16Session:
     """Stands in for rapidocr's onnxruntime session of the recognition model: the same
     ONNX file compiled by OpenVINO with BF16 arithmetic.
@@ -110,6 +114,22 @@ class _OpenVINOBF16Session:
         padded = -(-width // self._bucket) * self._bucket
         if padded != width:
             batch = np.pad(batch, ((0, 0), (0, 0), (0, 0), (0, padded - width)))
+        request = self.thread_request()
+        if not getattr(self._local, "served", False):
+            # A thread's first infer() runs alone: OpenVINO's Python binding initialises
+            # its numpy bridge lazily, in a C++ static whose initialiser drops and retakes
+            # the GIL; a second thread entering it while holding the GIL deadlocks both
+            # (seen: a whole `folio run` hung with both pool workers inside infer()).
+            with _OPENVINO_FIRST_CALL:
+                out = request.infer({0: batch})[0]
+            self._local.served = True
+            return out
+        # infer() hands back copies of the outputs (share_outputs=False), so nothing here
+        # is overwritten by this thread's next call.
+        return request.infer({0: batch})[0]
+
+    def thread_request(self) -> Any:
+        """This thread's infer request, on a compiled model of its own (made on first use)."""
         request = getattr(self._local, "request", None)
         if request is None:
             compiled = self._core.compile_model(self._model, "CPU", {
@@ -120,9 +140,7 @@ class _OpenVINOBF16Session:
                 "ENABLE_CPU_PINNING": False,
             })
             request = self._local.request = compiled.create_infer_request()
-        # infer() hands back copies of the outputs (share_outputs=False), so nothing here
-        # is overwritten by this thread's next call.
-        return request.infer({0: batch})[0]
+        return request
 
 
 class RapidOCRRecognizer:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -212,3 +214,40 @@ def test_bf16_line_inputs_are_padded_to_the_width_bucket() -> None:
     steps = {w: session(rng.standard_normal((1, 3, 48, w)).astype(np.float32)).shape[1]
              for w in (321, 352, 353)}
     assert steps[321] == steps[352] < steps[353]  # 321 and 352 both run at 352
+
+
+_FIRST_CALLS_RACE = """
+import sys, threading
+import numpy as np
+from orchestrator.recognize import REC_MODEL, _OpenVINOBF16Session, _rapidocr_models
+
+session = _OpenVINOBF16Session(_rapidocr_models() / REC_MODEL, threads=1, width_bucket=32)
+threads = int(sys.argv[1])
+ready = threading.Barrier(threads)
+
+def first_calls() -> None:
+    session.thread_request()  # compile first, so the first infer() calls line up
+    ready.wait()
+    session(np.zeros((1, 3, 48, 320), np.float32))
+
+workers = [threading.Thread(target=first_calls) for _ in range(threads)]
+for w in workers:
+    w.start()
+for w in workers:
+    w.join()
+"""
+
+
+def test_bf16_first_calls_from_many_threads_do_not_deadlock() -> None:
+    """Threads whose first OpenVINO infer() calls coincide: without the session's
+    first-call lock, 1-2 of 10 fresh processes of 8 threads hung for good (the binding's
+    lazy numpy-bridge static, entered with the GIL held). A stress test: each process is
+    a fresh chance at the race, so a regression shows in most runs, not every one."""
+    if not cpu_has_native_bf16():
+        pytest.skip("no native BF16 on this CPU: the BF16 session is never built here")
+    for _ in range(6):
+        try:
+            subprocess.run([sys.executable, "-c", _FIRST_CALLS_RACE, "8"], check=True,
+                           timeout=60, cwd=Path(__file__).resolve().parents[1])
+        except subprocess.TimeoutExpired:
+            pytest.fail("threads' first OpenVINO calls deadlocked")
