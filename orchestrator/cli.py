@@ -1,7 +1,8 @@
 """``folio``: thin command-line wrappers over the Python API.
 
 Exit codes: 0 every page ok; 3 some pages failed (their error rows are in the DB);
-2 usage or configuration error (one clear line on stderr); 1 anything unexpected.
+2 usage or configuration error (one clear line on stderr); 1 anything unexpected,
+including a run stopped by the stall watchdog (every thread's stack on stderr).
 """
 
 from __future__ import annotations

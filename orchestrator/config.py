@@ -193,6 +193,11 @@ class SinkConfig:
 class PipelineConfig:
     queue_pages: int = 8
     limit: int | None = None
+    # A run in which no page finishes for this long prints every thread's stack and exits
+    # with status 1 (0 turns the watchdog off); pages already written stay, a re-run
+    # resumes. Above the slowest legitimate gap: a vLLM region's worst case is
+    # timeout_s x (retries + 1) plus back-off, ~11 min with the defaults.
+    stall_timeout_s: float = 1800.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,6 +325,7 @@ def validate(cfg: FolioConfig) -> None:
         (cfg.sink.flush_interval_s > 0, "sink.flush_interval_s must be > 0"),
         (cfg.pipeline.queue_pages >= 1, "pipeline.queue_pages must be >= 1"),
         (cfg.pipeline.limit is None or cfg.pipeline.limit >= 1, "pipeline.limit must be >= 1"),
+        (cfg.pipeline.stall_timeout_s >= 0, "pipeline.stall_timeout_s must be >= 0"),
     ]
     for task in cfg.layout.label_tasks.values():
         checks.append((task in ("text", "table", "formula", "skip", "abandon"),

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import faulthandler
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -218,20 +220,25 @@ class Pipeline:
             summary = RunSummary(db=db, run_id=run_id, skipped_files=source_set.skipped_files)
             counted = _Counter(summary)
 
+            watchdog = StallWatchdog(self.cfg.pipeline.stall_timeout_s)
+
             def skip(ref: Any) -> bool:
                 if ref in done:
                     summary.resumed += 1
+                    watchdog.progress()
                     return True
                 return False
 
             def emit(outcome: PageOutcome) -> None:
                 sink.submit(outcome)
                 counted.add(outcome)
+                watchdog.progress()
                 if on_page is not None:
                     on_page(outcome)
 
             start = time.perf_counter()
-            self._run_stages(source_set.pages(skip=skip), emit)
+            with watchdog:
+                self._run_stages(source_set.pages(skip=skip), emit)
             summary.elapsed_s = time.perf_counter() - start
             metrics = getattr(self.recognizer, "metrics", None)
             if callable(metrics):
@@ -391,6 +398,51 @@ class Pipeline:
             timings=timings,
             rotation=page.rotation,
         )
+
+
+class StallWatchdog:
+    """Ends the process when no page finishes for ``timeout_s`` (0: never).
+
+    A stage stuck for good (a native deadlock, a call without a timeout) would otherwise
+    leave a run hanging forever, which no supervisor notices; an exit it can restart, and
+    the re-run resumes. faulthandler's timer runs in a C thread that needs no GIL, so it
+    fires even when the stuck call holds the GIL and no Python thread can run: it prints
+    every thread's stack to stderr ("Timeout (h:mm:ss)!") and exits with status 1.
+    Progress re-arms the timer at most once per ``_REARM_S``.
+    """
+
+    _REARM_S = 1.0
+
+    def __init__(self, timeout_s: float) -> None:
+        self._timeout_s = timeout_s
+        self._armed_at = 0.0
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> StallWatchdog:
+        self._arm()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._timeout_s > 0:
+            faulthandler.cancel_dump_traceback_later()
+
+    def progress(self) -> None:
+        if self._timeout_s > 0 and time.monotonic() - self._armed_at >= self._REARM_S:
+            with self._lock:
+                self._arm()
+
+    def _arm(self) -> None:
+        if self._timeout_s > 0:
+            self._armed_at = time.monotonic()
+            faulthandler.dump_traceback_later(self._timeout_s, exit=True, file=_stderr_fd())
+
+
+def _stderr_fd() -> int:
+    """stderr's descriptor; fd 2 when sys.stderr was swapped for an object without one."""
+    try:
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        return 2
 
 
 class _InFlight:

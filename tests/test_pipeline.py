@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
+
+import pytest
 
 from orchestrator.config import FolioConfig
 from orchestrator.errors import LayoutError, PageError
@@ -75,3 +80,58 @@ def test_a_crashing_stage_ends_the_run_instead_of_hanging(
     assert not thread.is_alive(), "the run hung after a stage crashed"
     assert len(raised) == 1 and isinstance(raised[0], RuntimeError)
     assert _statuses(tmp_path / "c.db") == ["ok"]  # what finished before the crash is kept
+
+
+# A recogniser stuck for good inside a native call that holds the GIL, as OpenVINO's
+# first-call deadlock did: then no Python thread can run, so only a watchdog outside the
+# interpreter can end the run. ctypes.PyDLL calls C without releasing the GIL.
+_STALLED_RUN = """
+import ctypes, sys
+from pathlib import Path
+from orchestrator.config import FolioConfig
+from orchestrator.pipeline import Pipeline
+from orchestrator.types import RecognitionResult
+
+
+class FakeRecognizerThatHangsHoldingTheGIL:
+    name = "fake-hanging"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def recognize(self, tasks):
+        self.calls += 1
+        if self.calls == 2:  # the first page is read and written, the second never ends
+            ctypes.PyDLL(None).pause()
+        return [RecognitionResult(text="x") for _ in tasks]
+
+    def close(self) -> None:
+        pass
+
+
+cfg = FolioConfig().override({"decode.device": "cpu", "decode.orient": False,
+                              "recognize.workers": 1, "pipeline.stall_timeout_s": 4})
+Pipeline(cfg, recognizer=FakeRecognizerThatHangsHoldingTheGIL()).run(
+    [sys.argv[1]], Path(sys.argv[2]))
+print("the run ended on its own")
+"""
+
+
+def test_a_run_that_stops_making_progress_exits_with_every_stack(
+    tmp_path: Path, corpus_dir: Path
+) -> None:
+    db = tmp_path / "s.db"
+    started = time.monotonic()
+    try:
+        run = subprocess.run(
+            [sys.executable, "-c", _STALLED_RUN, str(corpus_dir / "pages" / "multipage.pdf"),
+             str(db)], capture_output=True, text=True, timeout=60,
+            cwd=Path(__file__).resolve().parents[1])
+    except subprocess.TimeoutExpired:
+        pytest.fail("the stalled run was not ended by the watchdog")
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert "the run ended on its own" not in run.stdout
+    assert "Timeout (0:00:04)!" in run.stderr
+    assert "in recognize" in run.stderr  # the stuck thread's stack is in the dump
+    assert time.monotonic() - started < 60
+    assert _statuses(db) == ["ok"]  # the page finished before the stall is kept
