@@ -38,6 +38,10 @@ LAYOUT_INPUT_WIDTH = 608
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# BF16 recognition: line inputs padded to a multiple of this width (OpenVINO compiles each
+# new input shape once; buckets make repeats hit its cache).
+BF16_WIDTH_BUCKET_PX = 32
+
 DEFAULT_LABEL_TASKS: dict[str, str] = {
     "text": "text",
     "title": "text",
@@ -78,9 +82,15 @@ class DecodeConfig:
     orient_side_px: int = 736  # the downscaled page the line detector looks at
     orient_min_lines: int = 3  # fewer clear text lines than this: leave the page as is
     orient_line_aspect: float = 3.0  # a box this elongated counts as a text line
-    orient_lines: int = 3  # lines read both ways to tell upright from upside down
+    orient_lines: int = 3  # lines read to tell upright from upside down
     orient_crop_aspect: float = 8.0  # each of those lines trimmed to this width / height
     orient_margin: float = 0.05  # upside down only when its mean score is this much better
+    # Lines read this confidently as they stand are upright: the turned reading is skipped.
+    # On the corpus, upright lines score 0.88-1.0 on average, turned ones 0.21-0.75.
+    orient_confident: float = 0.85
+    # The probe lines' recogniser arithmetic, as recognize.precision (auto: bf16 where the
+    # CPU computes it natively).
+    orient_precision: str = "auto"
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +157,7 @@ class RecognizeConfig:
     # corpus (perf/bench_recognize.py). "auto" (default): bf16 where native, else fp32.
     # Line detection stays fp32 (its boxes decide the crops).
     precision: str = "auto"
-    bf16_width_bucket_px: int = 32  # bf16: line inputs padded to a multiple of this width
+    bf16_width_bucket_px: int = BF16_WIDTH_BUCKET_PX
     det_limit_side_len: int = 960
     # Crops whose height is at most this many times a text line go straight to rec-only.
     single_line_max_height_px: int = 64
@@ -307,6 +317,9 @@ def validate(cfg: FolioConfig) -> None:
         (cfg.recognize.workers >= 1, "recognize.workers must be >= 1"),
         (cfg.recognize.precision in ("fp32", "bf16", "auto"),
          "recognize.precision must be fp32|bf16|auto"),
+        (cfg.decode.orient_precision in ("fp32", "bf16", "auto"),
+         "decode.orient_precision must be fp32|bf16|auto"),
+        (0.0 < cfg.decode.orient_confident <= 1.0, "decode.orient_confident must be in (0, 1]"),
         (cfg.recognize.bf16_width_bucket_px >= 1, "recognize.bf16_width_bucket_px must be >= 1"),
         (cfg.recognize.pages_in_flight is None or cfg.recognize.pages_in_flight >= 1,
          "recognize.pages_in_flight must be >= 1"),

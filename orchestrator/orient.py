@@ -5,7 +5,8 @@ and recognition models only read upright text. Two cheap signals decide:
 - sideways or not: text-line boxes from the detector on a downscaled page are mostly
   taller than wide when the page lies on its side;
 - upright or upside down: the recogniser is confident on upright lines and not on
-  turned ones, so a few lines are read both ways and the scores compared.
+  turned ones, so a few lines are read as they stand and, unless they read confidently,
+  turned as well, and the scores compared.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from orchestrator.config import DecodeConfig
+from orchestrator.config import BF16_WIDTH_BUCKET_PX, DecodeConfig
 from orchestrator.types import UInt8Array
 
 
@@ -32,20 +33,24 @@ class OrientationDetector:
     """Returns the clockwise rotation (0/90/180/270) that makes a page upright."""
 
     def __init__(self, cfg: DecodeConfig) -> None:
+        from orchestrator.recognize import resolve_rec_precision
+
         self._cfg = cfg
+        self._precision = resolve_rec_precision(cfg.orient_precision)
         self._local = threading.local()
 
     def _engines(self) -> tuple[Any, Any]:
         engines = getattr(self._local, "engines", None)
         if engines is None:
-            from orchestrator.recognize import rapidocr_engine
+            from orchestrator.recognize import rapidocr_engine, rapidocr_rec_engine
 
             det = rapidocr_engine(self._cfg.threads, {
                 "Global.use_rec": False,
                 "Det.limit_type": "max",
                 "Det.limit_side_len": self._cfg.orient_side_px,
             })
-            rec = rapidocr_engine(self._cfg.threads, {"Global.use_det": False})
+            rec = rapidocr_rec_engine(self._cfg.threads, self._precision, BF16_WIDTH_BUCKET_PX,
+                                      {"Global.use_det": False})
             engines = (det, rec)
             self._local.engines = engines
         return engines
@@ -82,12 +87,16 @@ class OrientationDetector:
         rotation = 90 if tall > wide else 0
         view = image
         if rotation:
+            # The same boxes, turned with the page (x, y) -> (height - y, x): no second
+            # detection pass on the turned page.
             view = rotate_clockwise(image, 90)
-            boxes, scale = self._lines(view)
+            boxes = np.stack([image.shape[0] * scale - boxes[:, :, 1], boxes[:, :, 0]], axis=2)
         crops = self._line_crops(view, boxes, scale)
         if not crops:
             return rotation
         upright = self._score(crops)
+        if upright >= cfg.orient_confident:
+            return rotation  # read well as it stands: a turned line never does
         turned = self._score([np.ascontiguousarray(c[::-1, ::-1]) for c in crops])
         if turned > upright + cfg.orient_margin:
             rotation += 180

@@ -65,6 +65,20 @@ def rapidocr_engine(threads: int, params: dict[str, Any]) -> Any:
 REC_MODEL = "PP-OCRv6_rec_small.onnx"  # the recognition model in the rapidocr wheel
 
 
+def rapidocr_rec_engine(threads: int, precision: str, width_bucket: int,
+                        params: dict[str, Any]) -> Any:
+    """A rapidocr engine whose text-line recogniser runs at ``precision`` ("fp32" or
+    "bf16", as ``resolve_rec_precision`` gives it)."""
+    engine = rapidocr_engine(threads, {"Rec.model_path": str(_rapidocr_models() / REC_MODEL),
+                                       **params})
+    if precision == "bf16":
+        # rapidocr reads the character list from the onnxruntime session when it loads
+        # the model; only the forward pass is swapped.
+        engine._load_rec_model().session = _OpenVINOBF16Session(
+            _rapidocr_models() / REC_MODEL, threads, width_bucket)
+    return engine
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether OpenVINO finds BF16 arithmetic in this CPU (AVX512-BF16 or AMX)."""
     import openvino
@@ -178,19 +192,12 @@ class RapidOCRRecognizer:
         if self._engine is None:
             with self._engine_lock:
                 if self._engine is None:
-                    engine = rapidocr_engine(self._cfg.threads, {
-                        # "max" caps the long side; the default "min" upscales crops 2-4x.
-                        "Det.limit_type": "max",
-                        "Det.limit_side_len": self._cfg.det_limit_side_len,
-                        "Rec.model_path": str(_rapidocr_models() / REC_MODEL),
-                    })
-                    if self.precision == "bf16":
-                        # rapidocr reads the character list from the onnxruntime session
-                        # when it loads the model; only the forward pass is swapped.
-                        engine._load_rec_model().session = _OpenVINOBF16Session(
-                            _rapidocr_models() / REC_MODEL, self._cfg.threads,
-                            self._cfg.bf16_width_bucket_px)
-                    self._engine = engine
+                    self._engine = rapidocr_rec_engine(
+                        self._cfg.threads, self.precision, self._cfg.bf16_width_bucket_px, {
+                            # "max" caps the long side; the default "min" upscales crops 2-4x.
+                            "Det.limit_type": "max",
+                            "Det.limit_side_len": self._cfg.det_limit_side_len,
+                        })
         return self._engine
 
     def _is_line(self, task: RegionTask) -> bool:

@@ -14,9 +14,10 @@ from orchestrator.orient import OrientationDetector, rotate_clockwise
 from orchestrator.types import EncodedPage, PageRef
 
 
-@pytest.fixture(scope="module")
-def detector() -> OrientationDetector:
-    return OrientationDetector(DecodeConfig())
+@pytest.fixture(scope="module", params=["auto", "fp32"])
+def detector(request: pytest.FixtureRequest) -> OrientationDetector:
+    """The default (BF16 probe reads where the CPU has it) and the fp32 reference."""
+    return OrientationDetector(DecodeConfig(orient_precision=request.param))
 
 
 @pytest.mark.parametrize("name", ["typewriter.png", "baiona.png"])
@@ -46,3 +47,23 @@ def test_decoder_turns_pages_upright_and_says_so(corpus_dir: Path) -> None:
     off = Decoder(DecodeConfig(device="cpu", orient=False), SourceConfig())
     unturned, = off.decode([EncodedPage(ref=PageRef("t", 1), pixels=sideways)])
     assert not isinstance(unturned, Exception) and unturned.rotation == 0
+
+
+def test_the_turned_reading_is_skipped_when_the_page_reads_well_as_it_stands(
+    corpus_dir: Path
+) -> None:
+    detector = OrientationDetector(DecodeConfig())
+    reads: list[int] = []
+    score = detector._score
+
+    def counted(crops: list[np.ndarray]) -> float:
+        reads.append(len(crops))
+        return score(crops)
+
+    detector._score = counted  # type: ignore[method-assign]
+    upright = cv2.imread(str(corpus_dir / "pages" / "typewriter.png"))
+    assert detector.detect(upright) == 0
+    assert reads == [3]  # the three probe lines, as they stand only
+    reads.clear()
+    assert detector.detect(rotate_clockwise(upright, 180)) == 180
+    assert reads == [3, 3]  # read poorly as they stand: read turned too

@@ -61,3 +61,9 @@ def test_bench_recognize_compares_precisions_and_margins(corpus_dir: Path) -> No
     # the same precision twice reads the same text: the comparison itself is checked
     assert "fp32 vs fp32: word F1 1.0000, 0 line pairs differ" in out, out
     assert re.search(r"^crop.margin_px +4: \d+ of \d+ text lines touch", out, re.M), out
+
+
+def test_bench_orient_compares_the_probes_on_the_same_verdicts(corpus_dir: Path) -> None:
+    out = _run("bench_orient.py", str(corpus_dir / "pages" / "typewriter.png"))
+    assert "verdicts that differ: 0 of 4" in out, out
+    assert len(_ratios(out)) == 1, out
