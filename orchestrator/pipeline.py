@@ -408,33 +408,41 @@ class StallWatchdog:
     the re-run resumes. faulthandler's timer runs in a C thread that needs no GIL, so it
     fires even when the stuck call holds the GIL and no Python thread can run: it prints
     every thread's stack to stderr ("Timeout (h:mm:ss)!") and exits with status 1.
-    Progress re-arms the timer at most once per ``_REARM_S``.
+    Progress re-arms the timer at most once per ``_REARM_S``. The timer is one per process:
+    runs in one process share it (it fires when none of them progresses), and it is
+    cancelled when the last of them ends.
     """
 
     _REARM_S = 1.0
+    _lock = threading.Lock()
+    _running = 0  # watched runs in this process
 
     def __init__(self, timeout_s: float) -> None:
         self._timeout_s = timeout_s
         self._armed_at = 0.0
-        self._lock = threading.Lock()
 
     def __enter__(self) -> StallWatchdog:
-        self._arm()
+        if self._timeout_s > 0:
+            with StallWatchdog._lock:
+                StallWatchdog._running += 1
+                self._arm()
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._timeout_s > 0:
-            faulthandler.cancel_dump_traceback_later()
+            with StallWatchdog._lock:
+                StallWatchdog._running -= 1
+                if StallWatchdog._running == 0:
+                    faulthandler.cancel_dump_traceback_later()
 
     def progress(self) -> None:
         if self._timeout_s > 0 and time.monotonic() - self._armed_at >= self._REARM_S:
-            with self._lock:
+            with StallWatchdog._lock:
                 self._arm()
 
     def _arm(self) -> None:
-        if self._timeout_s > 0:
-            self._armed_at = time.monotonic()
-            faulthandler.dump_traceback_later(self._timeout_s, exit=True, file=_stderr_fd())
+        self._armed_at = time.monotonic()
+        faulthandler.dump_traceback_later(self._timeout_s, exit=True, file=_stderr_fd())
 
 
 def _stderr_fd() -> int:

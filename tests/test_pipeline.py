@@ -135,3 +135,30 @@ def test_a_run_that_stops_making_progress_exits_with_every_stack(
     assert "in recognize" in run.stderr  # the stuck thread's stack is in the dump
     assert time.monotonic() - started < 60
     assert _statuses(db) == ["ok"]  # the page finished before the stall is kept
+
+
+_SHARED_TIMER = """
+import sys, time
+from orchestrator.pipeline import StallWatchdog
+
+first, second = StallWatchdog(1.0), StallWatchdog(1.0)
+with first:
+    with second:
+        pass
+    if sys.argv[1] == "still-watched":
+        time.sleep(5)  # the first run is still on: its stall must end the process
+time.sleep(2)  # both ended: nothing may fire
+print("survived")
+"""
+
+
+def test_runs_in_one_process_share_the_watchdog_until_the_last_ends() -> None:
+    def run(mode: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", _SHARED_TIMER, mode], capture_output=True,
+                              text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+
+    stalled = run("still-watched")
+    assert stalled.returncode == 1 and "Timeout (0:00:01)!" in stalled.stderr
+    assert "survived" not in stalled.stdout
+    ended = run("both-ended")
+    assert ended.returncode == 0 and "survived" in ended.stdout, ended.stderr
