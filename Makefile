@@ -45,7 +45,7 @@ typecheck: $(STAMP)
 
 test: $(MODELS)/manifest.json
 	$(MAKE) lint typecheck
-	$(BIN)/python -m pytest -q -ra tests
+	$(BIN)/python -m pytest -q -ra --durations=10 tests
 
 clean:
 	rm -rf build out
