@@ -124,6 +124,14 @@ def _add_export(sub: Any) -> None:
     p.add_argument("db", type=Path)
     p.add_argument("--format", choices=["jsonl", "markdown"], required=True)
     p.add_argument("--out", type=Path, required=True, help="JSONL file, or folder for markdown")
+    p.add_argument("--per", choices=["page", "document"], default="page",
+                   help="markdown: one file per page (default) or per document")
+    p.add_argument("--figures", action="store_true",
+                   help="markdown: write figure crops beside the files and link them "
+                        "(default: a placeholder without a link)")
+    p.add_argument("--include-furniture", action="store_true",
+                   help="markdown: keep headers, footers and page numbers (always in the "
+                        "database and the JSONL regions)")
     p.add_argument("--compact", type=Path, help="also write a compacted copy (VACUUM INTO)")
 
 
@@ -133,9 +141,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if not args.db.exists():
         raise ConfigError(f"database not found: {args.db}")
     if args.format == "jsonl":
-        count = export.export_jsonl(args.db, args.out)
+        count = export.export_jsonl(args.db, args.out, include_furniture=args.include_furniture)
     else:
-        count = export.export_markdown(args.db, args.out)
+        count = export.export_markdown(args.db, args.out, per=args.per, figures=args.figures,
+                                       include_furniture=args.include_furniture)
     print(f"exported {count} pages to {args.out}")
     if args.compact:
         export.compact(args.db, args.compact)

@@ -42,6 +42,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # new input shape once; buckets make repeats hit its cache).
 BF16_WIDTH_BUCKET_PX = 32
 
+# Labels that are headings: Markdown writes them as "## ", and reading order attaches a
+# narrow one to the block below it.
+DEFAULT_HEADING_LABELS = ("title", "doc_title", "paragraph_title", "section_title")
+
 DEFAULT_LABEL_TASKS: dict[str, str] = {
     "text": "text",
     "title": "text",
@@ -53,8 +57,10 @@ DEFAULT_LABEL_TASKS: dict[str, str] = {
     "equation": "formula",
     "formula": "formula",
     "figure": "skip",
-    "header": "abandon",
-    "footer": "abandon",
+    # Page furniture is read and stored with its label (the Markdown export leaves it out
+    # unless asked); "abandon" drops a label before recognition.
+    "header": "text",
+    "footer": "text",
 }
 
 
@@ -79,7 +85,6 @@ class DecodeConfig:
     std: tuple[float, float, float] = IMAGENET_STD
     # Orientation: find pages turned by 90/180/270 degrees and turn them upright.
     orient: bool = True
-    orient_side_px: int = 736  # the downscaled page the line detector looks at
     orient_min_lines: int = 3  # fewer clear text lines than this: leave the page as is
     orient_line_aspect: float = 3.0  # a box this elongated counts as a text line
     orient_lines: int = 3  # lines read to tell upright from upside down
@@ -91,6 +96,38 @@ class DecodeConfig:
     # The probe lines' recogniser arithmetic, as recognize.precision (auto: bf16 where the
     # CPU computes it natively).
     orient_precision: str = "auto"
+
+
+@dataclass(frozen=True, slots=True)
+class LinesConfig:
+    """Text lines: detected once per upright page, each given to one region; the lines no
+    region holds become regions of their own, so no text on the page is lost."""
+
+    # The page is scaled down (never up) so its long side is at most this for detection.
+    # 2000 px keeps 7-point print in a dense 150-dpi table (a 2100 px landscape page): at
+    # 1280 px a third of that page's cells were missed. rapidocr's whole-page default too.
+    side_px: int = 2000
+    # The detector's arithmetic (as recognize.precision): auto is bf16 where the CPU
+    # computes it natively, through OpenVINO either way (fp32 OpenVINO is ~3x faster than
+    # onnxruntime on this model).
+    precision: str = "auto"
+    threads: int = 1
+    # rapidocr's DB post-processing: pixel and box score thresholds, box growth.
+    pixel_threshold: float = 0.3
+    box_threshold: float = 0.5
+    unclip_ratio: float = 1.6
+    max_lines: int = 5000  # per page (a dense statistics table has ~1,300)
+    # A line belongs to the region holding the largest share of its area, if at least this.
+    region_share: float = 0.5
+    # The detector grows each line's box well around its ink (DB's unclip), while layout
+    # boxes hug the ink: shares are measured on the line's box shrunk by this many line
+    # heights on every side, about where its ink is.
+    core_inset: float = 0.25
+    # Lines outside every region form blocks: a line joins the block of a line above it when
+    # the gap between them is at most block_gap line heights and they share a column (their
+    # x-ranges overlap, or their left edges lie within block_indent line heights).
+    block_gap: float = 1.2
+    block_indent: float = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +146,10 @@ class LayoutConfig:
     # A box whose area lies this much inside a higher-scoring box of the same task is dropped.
     containment: float = 0.9
     label_tasks: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_LABEL_TASKS))
+    # A figure holding text lines (a flowchart, a form drawn as a picture): "read" reads
+    # them and stores the text with the figure; "skip" keeps the figure without text.
+    figure_text: str = "read"
+    heading_labels: tuple[str, ...] = DEFAULT_HEADING_LABELS
     # Reading order: a box narrower than this share of the page is a column candidate.
     column_max_width: float = 0.6
     # Reading order: boxes of neighbouring columns may overlap by this share of the page
@@ -158,9 +199,8 @@ class RecognizeConfig:
     # Line detection stays fp32 (its boxes decide the crops).
     precision: str = "auto"
     bf16_width_bucket_px: int = BF16_WIDTH_BUCKET_PX
-    det_limit_side_len: int = 960
-    # Crops whose height is at most this many times a text line go straight to rec-only.
-    single_line_max_height_px: int = 64
+    # A line read with less confidence than this is kept, flagged low_confidence.
+    min_line_score: float = 0.5
 
     def in_flight_pages(self) -> int:
         if self.pages_in_flight is not None:
@@ -214,6 +254,7 @@ class PipelineConfig:
 class FolioConfig:
     sources: SourceConfig = field(default_factory=SourceConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
+    lines: LinesConfig = field(default_factory=LinesConfig)
     layout: LayoutConfig = field(default_factory=LayoutConfig)
     triton: TritonConfig = field(default_factory=TritonConfig)
     crop: CropConfig = field(default_factory=CropConfig)
@@ -304,6 +345,19 @@ def validate(cfg: FolioConfig) -> None:
         (cfg.sources.max_pixels > 0, "sources.max_pixels must be > 0"),
         (cfg.decode.device in ("cpu", "gpu", "auto"), "decode.device must be cpu|gpu|auto"),
         (cfg.decode.batch_size >= 1, "decode.batch_size must be >= 1"),
+        (cfg.lines.side_px >= 32, "lines.side_px must be >= 32"),
+        (cfg.lines.precision in ("fp32", "bf16", "auto"), "lines.precision must be fp32|bf16|auto"),
+        (cfg.lines.threads >= 1, "lines.threads must be >= 1"),
+        (0.0 < cfg.lines.pixel_threshold < 1.0, "lines.pixel_threshold must be in (0, 1)"),
+        (0.0 <= cfg.lines.box_threshold < 1.0, "lines.box_threshold must be in [0, 1)"),
+        (cfg.lines.unclip_ratio > 0, "lines.unclip_ratio must be > 0"),
+        (cfg.lines.max_lines >= 1, "lines.max_lines must be >= 1"),
+        (0.0 < cfg.lines.region_share <= 1.0, "lines.region_share must be in (0, 1]"),
+        (0.0 <= cfg.lines.core_inset < 0.5, "lines.core_inset must be in [0, 0.5)"),
+        (cfg.lines.block_gap >= 0, "lines.block_gap must be >= 0"),
+        (cfg.lines.block_indent >= 0, "lines.block_indent must be >= 0"),
+        (cfg.layout.figure_text in ("read", "skip"), "layout.figure_text must be read|skip"),
+        (0.0 <= cfg.recognize.min_line_score <= 1.0, "recognize.min_line_score must be in [0, 1]"),
         (cfg.layout.backend in ("inprocess", "triton"), "layout.backend must be inprocess|triton"),
         (cfg.layout.precision in ("fp32", "bf16", "auto"),
          "layout.precision must be fp32|bf16|auto"),

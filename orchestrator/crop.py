@@ -1,4 +1,5 @@
-"""Crop: cut each region to recognise out of the full-resolution page."""
+"""Crop: cut what the recogniser reads out of the full-resolution page: each region's text
+lines (rapidocr), or each region (a VLM)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import cv2
 import numpy as np
 
 from orchestrator.config import CropConfig
-from orchestrator.types import DecodedPage, LayoutResult, Region, RegionTask, UInt8Array
+from orchestrator.coverage import line_rows
+from orchestrator.textlines import line_image
+from orchestrator.types import DecodedPage, LayoutResult, LineCrop, Region, RegionTask, UInt8Array
 
 # White: what a page background is, so masked-out polygon corners read as paper.
 _BACKGROUND = 255
@@ -51,13 +54,35 @@ def crop_region(image: UInt8Array, region: Region, cfg: CropConfig) -> UInt8Arra
     return masked
 
 
-def region_tasks(page: DecodedPage, layout: LayoutResult, cfg: CropConfig) -> list[RegionTask]:
-    """One task per region whose task is recognised (text, table, formula)."""
+def region_tasks(page: DecodedPage, layout: LayoutResult, cfg: CropConfig,
+                 *, reads_lines: bool = True) -> list[RegionTask]:
+    """One task per region whose task is recognised (text, table, formula), with its text
+    lines in reading order (``layout`` as ``coverage.cover_page`` made it).
+
+    ``reads_lines``: each line is cut out of the page for a recogniser that reads lines,
+    and a region holding no line has nothing to read (no task); otherwise the region is
+    cropped for a recogniser that reads regions, and its lines carry their boxes only.
+    """
+    line_boxes = None if layout.lines is None else layout.lines.boxes
+    owner = layout.line_region
     tasks: list[RegionTask] = []
     for region in layout.regions:
         if not region.task.recognized:
             continue
+        lines: list[LineCrop] = []
+        if line_boxes is not None and owner is not None and layout.lines is not None:
+            mine = np.flatnonzero(owner == region.index)
+            order, rows = line_rows(line_boxes[mine])
+            for i, row in zip(mine[order], rows, strict=True):
+                box = line_boxes[i]
+                image = line_image(page.image, layout.lines.quads[i]) if reads_lines else None
+                lines.append(LineCrop(bbox=(float(box[0]), float(box[1]), float(box[2]),
+                                            float(box[3])), image=image, row=int(row)))
+        if reads_lines:
+            if lines:
+                tasks.append(RegionTask(ref=page.ref, region=region, image=None, lines=lines))
+            continue
         crop = crop_region(page.image, region, cfg)
         if crop is not None:
-            tasks.append(RegionTask(ref=page.ref, region=region, image=crop))
+            tasks.append(RegionTask(ref=page.ref, region=region, image=crop, lines=lines))
     return tasks

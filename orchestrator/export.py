@@ -1,22 +1,28 @@
-"""Export a folio database: JSONL (one object per page), Markdown (one file per page),
-or a compacted copy (``VACUUM INTO``).
+"""Export a folio database: JSONL (one object per page), Markdown (one file per page or
+per document), or a compacted copy (``VACUUM INTO``).
 
-Pages come out ordered by source, then page number; regions in reading order. Every
-export runs ``ANALYZE`` first, so the planner has statistics for the joins.
+Pages come out ordered by source, then page number; regions in reading order, each with
+its text lines. Every export runs ``ANALYZE`` first where it can write (statistics for the
+joins); a database on read-only media is exported without.
 
 Usage::
 
     export_jsonl(Path("out.db"), Path("out.jsonl"))        # -> pages written
     export_markdown(Path("out.db"), Path("md/"))           # -> files written
+    export_markdown(Path("out.db"), Path("md/"), per="document", figures=True,
+                    include_furniture=True)
     compact(Path("out.db"), Path("small.db"))              # -> bytes of the copy
-    page_markdown(outcome.regions, page=3)                 # the pipeline can reuse it
 
-A JSONL line::
+A JSONL line (``schema_version`` 2)::
 
-    {"source": "/abs/scan.pdf", "page": 1, "width": 1700, "height": 2200, "rotation": 0,
-     "status": "ok", "error": null, "timings": {"read_s": 0.04, ...},
-     "regions": [{"index": 0, "label": "title", "task": "text",
-                  "bbox": [x0, y0, x1, y1], "score": 0.93, "text": "..."}, ...],
+    {"schema_version": 2, "source": "/abs/scan.pdf", "page": 1, "width": 1700,
+     "height": 2200, "rotation": 0, "status": "ok", "error": null,
+     "timings": {"read_s": 0.04, ...},
+     "regions": [{"index": 0, "label": "title", "task": "text", "origin": "layout",
+                  "bbox": [x0, y0, x1, y1], "score": 0.93, "text": "...",
+                  "text_format": "plain", "confidence": 0.98,
+                  "lines": [{"bbox": [x0, y0, x1, y1], "text": "...", "score": 0.98}]},
+                 ...],
      "markdown": "## ..."}
 """
 
@@ -28,15 +34,16 @@ import json
 import re
 import sqlite3
 import unicodedata
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import SinkError
-from orchestrator.sink import REGION_STATS, STAGE_TIMINGS, connect
-from orchestrator.types import RecognitionResult, Region, Task
+from orchestrator.markdown import page_markdown
+from orchestrator.sink import REGION_STATS, STAGE_TIMINGS, connect, ensure_schema
+from orchestrator.types import LineText, Origin, RecognitionResult, Region, Task, TextFormat
 
-TITLE_LABELS = frozenset({"title", "doc_title", "paragraph_title", "section_title"})
+JSONL_SCHEMA_VERSION = 2
 MAX_STEM_CHARS = 80
 
 _PAGE_COLUMNS = (
@@ -44,7 +51,8 @@ _PAGE_COLUMNS = (
     + ", ".join(f"p.{t}" for t in STAGE_TIMINGS)
 )
 _REGION_COLUMNS = (
-    "r.idx, r.label, r.task, r.score, r.x0, r.y0, r.x1, r.y1, r.polygon, r.text, r.error, "
+    "r.idx, r.label, r.task, r.score, r.x0, r.y0, r.x1, r.y1, r.polygon, r.origin, r.text, "
+    "r.text_format, r.confidence, r.error, "
     + ", ".join(f"r.{k}" for k in REGION_STATS)
 )
 _PAGES_QUERY = f"""
@@ -54,74 +62,52 @@ JOIN pages p ON p.document_id = d.id
 LEFT JOIN regions r ON r.page_id = p.id
 ORDER BY d.source, p.page, r.idx
 """
+_LINES_QUERY = """
+SELECT region_idx, x0, y0, x1, y1, text, score, low_confidence FROM lines
+WHERE page_id = ? ORDER BY region_idx, idx
+"""
 _N_PAGE = 1 + 7 + len(STAGE_TIMINGS)
-
-
-# ---------------------------------------------------------------------------- markdown
-
-
-def _formula(text: str) -> str:
-    body = text.strip()
-    if body.startswith("$$") or body.startswith("\\[") or body.startswith("\\begin{"):
-        return body
-    if body.startswith("$") and body.endswith("$") and len(body) > 1:
-        body = body.strip("$").strip()
-    return f"$$\n{body}\n$$"
-
-
-def page_markdown(
-    regions: Sequence[tuple[Region, RecognitionResult | None]], page: int | None = None
-) -> str:
-    """The page's text in reading order as Markdown.
-
-    Titles become ``## `` headings, text regions paragraphs, tables and formulas are kept
-    as recognised (formulas wrapped in ``$$`` unless already delimited), figures become a
-    placeholder ``![figure](page-N-region-K)``. Regions without text are left out.
-    """
-    blocks: list[str] = []
-    for region, result in sorted(regions, key=lambda item: item[0].index):
-        task = Task(region.task)
-        if task is Task.ABANDON:
-            continue
-        if task is Task.SKIP:
-            where = f"page-{page}-region-{region.index}" if page is not None else (
-                f"region-{region.index}"
-            )
-            blocks.append(f"![{region.label}]({where})")
-            continue
-        text = (result.text if result is not None else None) or ""
-        text = text.strip()
-        if not text:
-            continue
-        if task is Task.FORMULA:
-            blocks.append(_formula(text))
-        elif task is Task.TABLE:
-            blocks.append(text)
-        elif region.label in TITLE_LABELS:
-            blocks.append("## " + " ".join(text.split()))
-        else:
-            blocks.append(text)
-    return "\n\n".join(blocks) + ("\n" if blocks else "")
 
 
 # ---------------------------------------------------------------------------- reading
 
 
+def _tables(conn: sqlite3.Connection) -> set[str]:
+    return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
 def _open(db: Path) -> sqlite3.Connection:
+    """A read-only connection to a folio database. Where the file can be written, an older
+    schema is brought up to date first and statistics are gathered for the joins; on
+    read-only media it is exported as it is."""
     if not Path(db).is_file():
         raise SinkError(f"database not found: {db}")
-    conn = connect(Path(db))
-    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    try:
+        conn = connect(Path(db), readonly=True)
+        tables = _tables(conn)
+    except (sqlite3.Error, SinkError) as exc:
+        raise SinkError(f"{db} is not a folio database: {exc}") from exc
     if not {"documents", "pages", "regions"} <= tables:
         conn.close()
         raise SinkError(f"{db} is not a folio database")
-    with contextlib.suppress(sqlite3.Error):  # read-only media: export without statistics
-        conn.execute("ANALYZE")
+    with contextlib.suppress(sqlite3.Error, SinkError):
+        writer = connect(Path(db))
+        try:
+            if "lines" not in tables:
+                ensure_schema(writer, Path(db))  # an older folio database: migrate it
+            writer.execute("ANALYZE")
+        finally:
+            writer.close()
+    if "lines" not in tables and "lines" not in _tables(conn):
+        conn.close()
+        raise SinkError(f"{db} was written by an older folio and is read-only here: "
+                        "copy it somewhere writable to export it")
     return conn
 
 
 def _region(row: Sequence[Any]) -> tuple[Region, RecognitionResult, dict[str, Any]]:
-    idx, label, task, score, x0, y0, x1, y1, polygon, text, error, *stats = row
+    (idx, label, task, score, x0, y0, x1, y1, polygon, origin, text, text_format, confidence,
+     error, *stats) = row
     region = Region(
         index=idx,
         label=label,
@@ -129,32 +115,60 @@ def _region(row: Sequence[Any]) -> tuple[Region, RecognitionResult, dict[str, An
         score=score if score is not None else 0.0,
         bbox=(x0, y0, x1, y1),
         polygon=tuple(tuple(p) for p in json.loads(polygon)) if polygon else None,
+        origin=Origin(origin),
     )
     extra = {k: v for k, v in zip(REGION_STATS, stats, strict=True) if v is not None}
-    return region, RecognitionResult(text=text, error=error, stats=extra), extra
+    result = RecognitionResult(
+        text=text, error=error, stats=extra, confidence=confidence,
+        text_format=TextFormat(text_format) if text_format else TextFormat.PLAIN)
+    return region, result, extra
 
 
-def iter_pages(conn: sqlite3.Connection) -> Iterator[dict[str, Any]]:
-    """Every page as an export dict (source, page, ..., regions, markdown), in order."""
+def _page_lines(conn: sqlite3.Connection, page_id: int) -> dict[int, list[LineText]]:
+    lines: dict[int, list[LineText]] = {}
+    for region_idx, x0, y0, x1, y1, text, score, low in conn.execute(_LINES_QUERY, (page_id,)):
+        lines.setdefault(region_idx, []).append(
+            LineText(bbox=(x0, y0, x1, y1), text=text, score=score, low_confidence=bool(low)))
+    return lines
+
+
+def _line_item(line: LineText) -> dict[str, Any]:
+    item: dict[str, Any] = {"bbox": [round(v, 2) for v in line.bbox], "text": line.text,
+                            "score": None if line.score is None else round(line.score, 4)}
+    if line.low_confidence:
+        item["low_confidence"] = True
+    return item
+
+
+def iter_pages(conn: sqlite3.Connection, *, include_furniture: bool = False
+               ) -> Iterator[dict[str, Any]]:
+    """Every page as an export dict (source, page, ..., regions with their lines, markdown),
+    in order. ``page["_regions"]`` holds the (Region, RecognitionResult) pairs."""
     rows = conn.execute(_PAGES_QUERY)
-    for _, group in itertools.groupby(rows, key=lambda r: r[0]):
+    for page_id, group in itertools.groupby(rows, key=lambda r: r[0]):
         members = list(group)
         head = members[0]
         source, page, width, height, rotation, status, error, *timings = head[1:_N_PAGE]
+        lines = _page_lines(conn, page_id) if head[_N_PAGE] is not None else {}
         regions: list[tuple[Region, RecognitionResult | None]] = []
         items: list[dict[str, Any]] = []
         for row in members:
             if row[_N_PAGE] is None:  # LEFT JOIN: a page without regions
                 continue
             region, result, stats = _region(row[_N_PAGE:])
+            result.lines = lines.get(region.index, [])
             regions.append((region, result))
             item: dict[str, Any] = {
                 "index": region.index,
                 "label": region.label,
                 "task": str(region.task),
+                "origin": str(region.origin),
                 "bbox": [round(v, 2) for v in region.bbox],
                 "score": round(region.score, 4),
                 "text": result.text,
+                "text_format": None if result.text is None else str(result.text_format),
+                "confidence": None if result.confidence is None else round(result.confidence, 4),
+                "lines": [_line_item(line) for line in result.lines],
             }
             if region.polygon is not None:
                 item["polygon"] = [list(p) for p in region.polygon]
@@ -163,6 +177,7 @@ def iter_pages(conn: sqlite3.Connection) -> Iterator[dict[str, Any]]:
             item.update(stats)
             items.append(item)
         yield {
+            "schema_version": JSONL_SCHEMA_VERSION,
             "source": source,
             "page": page,
             "width": width,
@@ -172,21 +187,24 @@ def iter_pages(conn: sqlite3.Connection) -> Iterator[dict[str, Any]]:
             "error": error,
             "timings": {k: v for k, v in zip(STAGE_TIMINGS, timings, strict=True) if v is not None},
             "regions": items,
-            "markdown": page_markdown(regions, page=page),
+            "markdown": page_markdown(regions, include_furniture=include_furniture),
+            "_regions": regions,
         }
 
 
 # ---------------------------------------------------------------------------- writers
 
 
-def export_jsonl(db: Path, out: Path) -> int:
-    """Write one JSON object per page to ``out`` (``-`` is not special); returns pages."""
+def export_jsonl(db: Path, out: Path, *, include_furniture: bool = False) -> int:
+    """Write one JSON object per page to ``out``; returns pages written. Every region and
+    line is written; ``include_furniture`` only affects each page's ``markdown`` field."""
     conn = _open(db)
     count = 0
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with out.open("w", encoding="utf-8") as fh:
-            for page in iter_pages(conn):
+            for page in iter_pages(conn, include_furniture=include_furniture):
+                page.pop("_regions")
                 fh.write(json.dumps(page, ensure_ascii=False))
                 fh.write("\n")
                 count += 1
@@ -203,34 +221,123 @@ def safe_stem(source: str) -> str:
     return (stem or "page")[:MAX_STEM_CHARS]
 
 
-def export_markdown(db: Path, out_dir: Path) -> int:
-    """Write one ``<stem>_p<NNNN>.md`` per page into ``out_dir``; returns files written.
+class _Stems:
+    """Unique file-name stems per source: ``a/scan.pdf``, ``b/scan.pdf`` -> ``scan``,
+    ``scan-2`` (case-insensitively unique, for case-insensitive file systems)."""
 
-    Two sources with the same stem (``a/scan.pdf``, ``b/scan.pdf``) get ``scan``,
-    ``scan-2``...: names are unique within one export.
+    def __init__(self) -> None:
+        self._stems: dict[str, str] = {}
+        self._used: set[str] = set()
+
+    def __call__(self, source: str) -> str:
+        stem = self._stems.get(source)
+        if stem is None:
+            base = safe_stem(source)
+            stem, n = base, 1
+            while stem.casefold() in self._used:
+                n += 1
+                stem = f"{base}-{n}"
+            self._used.add(stem.casefold())
+            self._stems[source] = stem
+        return stem
+
+
+class _FigureWriter:
+    """Writes figure crops (PNG) into ``out_dir/figures`` from the pages' sources, read
+    again as the run that wrote them saw them; a page that cannot be read again gets
+    placeholders."""
+
+    def __init__(self, conn: sqlite3.Connection, out_dir: Path) -> None:
+        self._conn = conn
+        self._dir = out_dir / "figures"
+
+    def links(self, page: dict[str, Any], stem: str) -> dict[int, str]:
+        from orchestrator.config import SourceConfig
+        from orchestrator.errors import FolioError
+        from orchestrator.show import stored_page_pixels
+
+        figures = [r for r, _ in page["_regions"] if r.label == "figure" or r.task is Task.SKIP]
+        if not figures or page["status"] != "ok":
+            return {}
+        row = self._conn.execute(
+            "SELECT r.config FROM pages p JOIN documents d ON d.id = p.document_id "
+            "LEFT JOIN runs r ON r.id = p.run_id WHERE d.source = ? AND p.page = ?",
+            (page["source"], page["page"])).fetchone()
+        config = json.loads(row[0]) if row and row[0] else None
+        try:
+            pixels = stored_page_pixels(page["source"], page["page"], page["rotation"], config,
+                                        SourceConfig())
+        except (FolioError, OSError):
+            return {}
+        import cv2
+
+        sy = pixels.shape[0] / page["height"] if page["height"] else 1.0
+        sx = pixels.shape[1] / page["width"] if page["width"] else 1.0
+        self._dir.mkdir(parents=True, exist_ok=True)
+        links: dict[int, str] = {}
+        for region in figures:
+            x0, y0, x1, y1 = region.bbox
+            crop = pixels[max(0, int(y0 * sy)):int(y1 * sy) + 1,
+                          max(0, int(x0 * sx)):int(x1 * sx) + 1]
+            if crop.size == 0:
+                continue
+            name = f"{stem}_p{page['page']:04d}_r{region.index:02d}.png"
+            if cv2.imwrite(str(self._dir / name), crop):
+                links[region.index] = f"figures/{name}"
+        return links
+
+
+def _linker(links: dict[int, str]) -> Callable[[Region], str | None]:
+    def link(region: Region) -> str | None:
+        return links.get(region.index)
+    return link
+
+
+def export_markdown(db: Path, out_dir: Path, *, per: str = "page",
+                    include_furniture: bool = False, figures: bool = False) -> int:
+    """Write Markdown into ``out_dir``; returns files written.
+
+    ``per="page"``: one ``<stem>_p<NNNN>.md`` per page; ``per="document"``: one
+    ``<stem>.md`` per document, its pages in order. ``figures``: crops of figure regions
+    are written to ``out_dir/figures/`` and linked; otherwise a figure is a placeholder
+    without a link. ``include_furniture``: headers, footers and page numbers are written
+    too (they are always in the database and the JSONL).
     """
+    if per not in ("page", "document"):
+        raise SinkError(f"markdown export is per page or per document, not {per!r}")
     conn = _open(db)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stems: dict[str, str] = {}  # source -> unique stem
-    used: set[str] = set()
+    stems = _Stems()
+    writer = _FigureWriter(conn, out_dir) if figures else None
     count = 0
+    document: list[str] = []
+    current: str | None = None
+
+    def flush_document() -> None:
+        nonlocal count
+        if current is not None and document:
+            (out_dir / f"{stems(current)}.md").write_text("\n".join(document), encoding="utf-8")
+            count += 1
+        document.clear()
+
     try:
         for page in iter_pages(conn):
             source = page["source"]
-            stem = stems.get(source)
-            if stem is None:
-                base = safe_stem(source)
-                stem, n = base, 1
-                while stem.casefold() in used:
-                    n += 1
-                    stem = f"{base}-{n}"
-                used.add(stem.casefold())
-                stems[source] = stem
-            text = page["markdown"]
+            stem = stems(source)
+            links = writer.links(page, stem) if writer is not None else {}
+            text = page_markdown(page["_regions"], include_furniture=include_furniture,
+                                 figure_link=_linker(links))
             if page["status"] != "ok":
                 text = f"<!-- page failed: {page['error']} -->\n" + text
-            (out_dir / f"{stem}_p{page['page']:04d}.md").write_text(text, encoding="utf-8")
-            count += 1
+            if per == "page":
+                (out_dir / f"{stem}_p{page['page']:04d}.md").write_text(text, encoding="utf-8")
+                count += 1
+                continue
+            if source != current:
+                flush_document()
+                current = source
+            document.append(f"<!-- page {page['page']} -->\n\n{text}")
+        flush_document()
     finally:
         conn.close()
     return count

@@ -165,18 +165,17 @@ class LayoutModel:
 def layout_result(
     det: Detections, labels: Sequence[str], cfg: LayoutConfig, width: int, height: int
 ) -> LayoutResult:
-    """Regions of one page in the detections' (reading) order; ``abandon`` labels dropped.
+    """Regions of one page in the detections' (reading) order, every label included.
 
     Each label's task comes from ``cfg.label_tasks`` (labels it does not name are text);
-    ``Region.index`` is the position among the kept regions.
+    ``Region.index`` is the position among them. ``orchestrator.coverage.cover_page`` then
+    gives the page's text lines to them and drops ``abandon`` ones.
     """
     tasks = [Task(label_task(label, cfg)) for label in labels]
     regions: list[Region] = []
     for box, score, cls in zip(det.boxes.tolist(), det.scores.tolist(), det.classes.tolist(),
                                strict=True):
         task = tasks[cls]
-        if task is Task.ABANDON:
-            continue
         regions.append(
             Region(
                 index=len(regions),

@@ -2,8 +2,8 @@
 
 Scans come sideways or upside down (a /Rotate-less PDF of a rotated scan); the layout
 and recognition models only read upright text. Two cheap signals decide:
-- sideways or not: text-line boxes from the detector on a downscaled page are mostly
-  taller than wide when the page lies on its side;
+- sideways or not: the page's text-line boxes (``orchestrator.textlines``, detected once
+  per page) are mostly taller than wide when the page lies on its side;
 - upright or upside down: the recogniser is confident on upright lines and not on
   turned ones, so a few lines are read as they stand and, unless they read confidently,
   turned as well, and the scores compared.
@@ -14,11 +14,11 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-import cv2
 import numpy as np
 
 from orchestrator.config import BF16_WIDTH_BUCKET_PX, DecodeConfig
-from orchestrator.types import UInt8Array
+from orchestrator.textlines import rotate_lines
+from orchestrator.types import PageLines, UInt8Array
 
 
 def rotate_clockwise(image: UInt8Array, degrees: int) -> UInt8Array:
@@ -30,51 +30,39 @@ def rotate_clockwise(image: UInt8Array, degrees: int) -> UInt8Array:
 
 
 class OrientationDetector:
-    """Returns the clockwise rotation (0/90/180/270) that makes a page upright."""
+    """Returns the clockwise rotation (0/90/180/270) that makes a page upright, from the
+    text lines detected on the page as it stands."""
 
     def __init__(self, cfg: DecodeConfig) -> None:
         from orchestrator.recognize import resolve_rec_precision
 
         self._cfg = cfg
-        self._precision = resolve_rec_precision(cfg.orient_precision)
+        self._precision = resolve_rec_precision(cfg.orient_precision,
+                                                key="decode.orient_precision")
         self._local = threading.local()
 
-    def _engines(self) -> tuple[Any, Any]:
-        engines = getattr(self._local, "engines", None)
-        if engines is None:
-            from orchestrator.recognize import rapidocr_engine, rapidocr_rec_engine
+    def _recogniser(self) -> Any:
+        rec = getattr(self._local, "rec", None)
+        if rec is None:
+            from orchestrator.recognize import rapidocr_rec_engine
 
-            det = rapidocr_engine(self._cfg.threads, {
-                "Global.use_rec": False,
-                "Det.limit_type": "max",
-                "Det.limit_side_len": self._cfg.orient_side_px,
-            })
             rec = rapidocr_rec_engine(self._cfg.threads, self._precision, BF16_WIDTH_BUCKET_PX,
                                       {"Global.use_det": False})
-            engines = (det, rec)
-            self._local.engines = engines
-        return engines
-
-    def _lines(self, image: UInt8Array) -> tuple[np.ndarray, float]:
-        """Text-line boxes (N, 4, 2) in a downscaled copy, and that copy's scale."""
-        det, _ = self._engines()
-        scale = min(1.0, self._cfg.orient_side_px / max(image.shape[:2]))
-        small = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-        out = det(small, use_det=True, use_cls=False, use_rec=False)
-        boxes = np.zeros((0, 4, 2), np.float32) if out.boxes is None else np.asarray(out.boxes)
-        return boxes, scale
+            self._local.rec = rec
+        return rec
 
     def _score(self, crops: list[UInt8Array]) -> float:
-        _, rec = self._engines()
+        rec = self._recogniser()
         scores = []
         for crop in crops:
             out = rec(crop, use_det=False, use_cls=False, use_rec=True)
             scores.append(float(out.scores[0]) if out.scores else 0.0)
         return float(np.mean(scores)) if scores else 0.0
 
-    def detect(self, image: UInt8Array) -> int:
+    def detect(self, image: UInt8Array, lines: PageLines) -> int:
+        """The rotation of ``image`` given its text ``lines`` (page pixels, as it stands)."""
         cfg = self._cfg
-        boxes, scale = self._lines(image)
+        boxes = lines.quads
         if len(boxes) == 0:
             return 0
         width = np.linalg.norm(boxes[:, 1] - boxes[:, 0], axis=1)
@@ -87,11 +75,10 @@ class OrientationDetector:
         rotation = 90 if tall > wide else 0
         view = image
         if rotation:
-            # The same boxes, turned with the page (x, y) -> (height - y, x): no second
-            # detection pass on the turned page.
+            # The same boxes, turned with the page: no second detection on the turned page.
             view = rotate_clockwise(image, 90)
-            boxes = np.stack([image.shape[0] * scale - boxes[:, :, 1], boxes[:, :, 0]], axis=2)
-        crops = self._line_crops(view, boxes, scale)
+            boxes = rotate_lines(lines, 90, image.shape[0], image.shape[1]).quads
+        crops = self._line_crops(view, boxes)
         if not crops:
             return rotation
         upright = self._score(crops)
@@ -102,15 +89,15 @@ class OrientationDetector:
             rotation += 180
         return rotation % 360
 
-    def _line_crops(self, image: UInt8Array, boxes: np.ndarray, scale: float) -> list[UInt8Array]:
-        """The widest horizontal lines, cut from the full-resolution page, trimmed in length."""
+    def _line_crops(self, image: UInt8Array, boxes: np.ndarray) -> list[UInt8Array]:
+        """The widest horizontal lines, trimmed in length."""
         cfg = self._cfg
         if len(boxes) == 0:
             return []
-        x0 = boxes[:, :, 0].min(axis=1) / scale
-        x1 = boxes[:, :, 0].max(axis=1) / scale
-        y0 = boxes[:, :, 1].min(axis=1) / scale
-        y1 = boxes[:, :, 1].max(axis=1) / scale
+        x0 = boxes[:, :, 0].min(axis=1)
+        x1 = boxes[:, :, 0].max(axis=1)
+        y0 = boxes[:, :, 1].min(axis=1)
+        y1 = boxes[:, :, 1].max(axis=1)
         horizontal = (x1 - x0) >= cfg.orient_line_aspect * (y1 - y0)
         order = [i for i in np.argsort(-(x1 - x0)) if horizontal[i]][: cfg.orient_lines]
         crops: list[UInt8Array] = []

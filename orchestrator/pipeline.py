@@ -1,7 +1,8 @@
 """The pipeline: stages connected by bounded queues, so they overlap.
 
-    reader --q--> decode --q--> layout --q--> crop (N dispatchers) --> recogniser's queue
-                  (up to recognize.pages_in_flight pages) --> finisher --> sink writer
+    reader --q--> decode (+ text lines, orientation) --q--> layout --q--> coverage + crop
+                  (N dispatchers) --> recogniser's queue (up to recognize.pages_in_flight
+                  pages) --> finisher --> sink writer
 
 The recogniser spreads the queued work over its own workers (rapidocr: a thread pool
 taking region detections and single text lines oldest page first; vLLM: requests to the
@@ -33,6 +34,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from orchestrator.config import FolioConfig
+from orchestrator.coverage import cover_page
 from orchestrator.crop import region_tasks
 from orchestrator.decode import Decoder
 from orchestrator.errors import FolioError, PageError
@@ -41,6 +43,7 @@ from orchestrator.types import (
     DecodedPage,
     EncodedPage,
     LayoutResult,
+    LineText,
     PageOutcome,
     RecognitionResult,
     Region,
@@ -49,7 +52,7 @@ from orchestrator.types import (
 
 log = logging.getLogger("folio.pipeline")
 
-STAGES = ("read", "decode", "layout", "crop", "recognize")
+STAGES = ("read", "decode", "lines", "layout", "crop", "recognize")
 
 
 class LayoutBackend(Protocol):
@@ -177,7 +180,7 @@ class Pipeline:
     ) -> None:
         cap_threads(cfg)
         self.cfg = cfg
-        self.decoder = decoder or Decoder(cfg.decode, cfg.sources)
+        self.decoder = decoder or Decoder(cfg.decode, cfg.sources, cfg.lines)
         self.layout = layout or make_layout_backend(cfg, self.decoder.device)
         self.recognizer = recognizer or make_recognizer(cfg)
 
@@ -316,6 +319,7 @@ class Pipeline:
                     to_recognize.put(_DONE)
 
         submit = getattr(self.recognizer, "submit", None)
+        reads_lines = bool(getattr(self.recognizer, "reads_lines", True))
         # A recogniser that queues work (rapidocr's pool, vLLM) gets many pages in flight
         # from a few threads; one without ``submit`` gets one page per worker thread.
         in_flight = _Channel(self.cfg.recognize.in_flight_pages(), abort)
@@ -327,7 +331,8 @@ class Pipeline:
                 while (item := to_recognize.get()) is not _DONE:
                     page, result = item
                     start = time.perf_counter()
-                    tasks = region_tasks(page, result, self.cfg.crop)
+                    result = cover_page(result, page.lines, self.cfg.lines, self.cfg.layout)
+                    tasks = region_tasks(page, result, self.cfg.crop, reads_lines=reads_lines)
                     crop_s = time.perf_counter() - start
                     if submit is None:
                         results = self.recognizer.recognize(tasks) if tasks else []
@@ -375,9 +380,13 @@ class Pipeline:
         crop_s: float,
         recognize_s: float,
     ) -> PageOutcome:
-        by_index: dict[int, RecognitionResult] = {
-            t.region.index: r for t, r in zip(tasks, results, strict=True)
-        }
+        by_index: dict[int, RecognitionResult] = {}
+        for task, result in zip(tasks, results, strict=True):
+            if not result.lines and task.lines:
+                # A recogniser that reads whole regions: the lines' boxes come from the
+                # page's detection, the text from the region.
+                result.lines = [LineText(bbox=line.bbox) for line in task.lines]
+            by_index[task.region.index] = result
         regions: list[tuple[Region, RecognitionResult | None]] = [
             (region, by_index.get(region.index)) for region in layout.regions
         ]
@@ -508,7 +517,7 @@ def _recognize_seconds(pending: _InFlight, results: Sequence[RecognitionResult])
 
 
 def _times(page: DecodedPage) -> dict[str, float]:
-    return {"read_s": page.read_s, "decode_s": page.decode_s}
+    return {"read_s": page.read_s, "decode_s": page.decode_s, "lines_s": page.lines_s}
 
 
 def _error_outcome(ref: Any, error: str, timings: dict[str, float]) -> PageOutcome:

@@ -55,6 +55,8 @@ __all__ = [
 FloatArray = npt.NDArray[np.floating]
 IntArray = npt.NDArray[np.integer]
 
+# A heading is read in the column holding at least this share of its width.
+HEADING_SPAN = 0.5
 # The task of a label that cfg.label_tasks does not name.
 DEFAULT_TASK = "text"
 _EPS = np.float32(1e-9)
@@ -230,7 +232,8 @@ def suppress_contained(
     return ~dropped
 
 
-def reading_order(boxes: FloatArray, page_width: int, cfg: LayoutConfig) -> npt.NDArray[np.intp]:
+def reading_order(boxes: FloatArray, page_width: int, cfg: LayoutConfig,
+                  headings: npt.NDArray[np.bool_] | None = None) -> npt.NDArray[np.intp]:
     """Permutation that puts boxes (x0, y0, x1, y1) in column-aware reading order.
 
     Boxes wider than ``cfg.column_max_width`` of the page are full-width blocks: sorted top
@@ -238,6 +241,12 @@ def reading_order(boxes: FloatArray, page_width: int, cfg: LayoutConfig) -> npt.
     centre falls in). Within a band, boxes are grouped into columns by their horizontal
     extent (neighbours may overlap by ``cfg.column_overlap`` of the page width); columns are
     read left to right, each top to bottom. Each full-width block follows the band above it.
+
+    ``headings`` marks heading boxes. A narrow heading does not shape the columns: it joins
+    the column of its band that holds most of its width, and is read there in its place
+    from the top, so it stays with the block below it even when its box starts across the
+    gutter. A heading that no column holds half of (a title over two columns) is read as a
+    full-width block.
     """
     b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     n = b.shape[0]
@@ -245,8 +254,26 @@ def reading_order(boxes: FloatArray, page_width: int, cfg: LayoutConfig) -> npt.
         return np.zeros(0, dtype=np.intp)
     width = float(max(page_width, 1))
     wide = (b[:, 2] - b[:, 0]) > cfg.column_max_width * width
-    cy = (b[:, 1] + b[:, 3]) / 2.0
+    placed = np.zeros(n, dtype=bool) if headings is None else np.asarray(headings) & ~wide
+    primary, column = _bands_and_columns(b, wide, placed, width, cfg)
+    if placed.any():
+        spanning = _place_headings(b, np.flatnonzero(placed), primary, column, placed)
+        if spanning.size:  # read as full-width blocks: the bands change, so sweep again
+            wide[spanning] = True
+            placed[spanning] = False
+            primary, column = _bands_and_columns(b, wide, placed, width, cfg)
+            _place_headings(b, np.flatnonzero(placed), primary, column, placed)
+    order: npt.NDArray[np.intp] = np.lexsort((b[:, 0], b[:, 1], column, primary)).astype(np.intp)
+    return order
 
+
+def _bands_and_columns(b: npt.NDArray[np.float64], wide: npt.NDArray[np.bool_],
+                       placed: npt.NDArray[np.bool_], width: float, cfg: LayoutConfig
+                       ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Each box's band key and column number (0 for full-width blocks and for the
+    ``placed`` boxes, which ``_place_headings`` puts in a column afterwards)."""
+    n = b.shape[0]
+    cy = (b[:, 1] + b[:, 3]) / 2.0
     # Band of each narrow box = how many full-width blocks lie above its centre.
     wide_cy = np.sort(cy[wide])
     band = np.searchsorted(wide_cy, cy, side="right")
@@ -254,13 +281,13 @@ def reading_order(boxes: FloatArray, page_width: int, cfg: LayoutConfig) -> npt.
     wide_rank = np.empty(n, dtype=np.int64)
     wide_idx = np.flatnonzero(wide)
     wide_rank[wide_idx] = np.argsort(np.argsort(cy[wide_idx], kind="stable"), kind="stable")
-    primary = np.where(wide, 2 * wide_rank + 1, 2 * band)
+    primary = np.where(wide, 2 * wide_rank + 1, 2 * band).astype(np.int64)
 
     # Columns: sweep narrow boxes by x0 within each band; a column starts where a box's x0
     # passes the running right edge of those before it. Offsetting each band by more than
     # the page width makes one global sweep restart at every band.
     column = np.zeros(n, dtype=np.int64)
-    narrow = np.flatnonzero(~wide)
+    narrow = np.flatnonzero(~wide & ~placed)
     if narrow.size:
         offset = primary[narrow] * (2.0 * width + 1.0)
         x0 = b[narrow, 0] + offset
@@ -271,8 +298,32 @@ def reading_order(boxes: FloatArray, page_width: int, cfg: LayoutConfig) -> npt.
         starts = np.ones(sweep.size, dtype=bool)
         starts[1:] = x0s[1:] > reach[:-1] - cfg.column_overlap * width
         column[narrow[sweep]] = np.cumsum(starts)
-    order: npt.NDArray[np.intp] = np.lexsort((b[:, 0], b[:, 1], column, primary)).astype(np.intp)
-    return order
+    return primary, column
+
+
+def _place_headings(b: npt.NDArray[np.float64], headings: npt.NDArray[np.intp],
+                    primary: npt.NDArray[np.int64], column: npt.NDArray[np.int64],
+                    placed: npt.NDArray[np.bool_]) -> npt.NDArray[np.intp]:
+    """Put each heading in the column of its band that holds the most of its width (in
+    place, in ``column``); returns the headings no column holds half of."""
+    members = np.flatnonzero(~placed & (column > 0))
+    spanning: list[int] = []
+    for h in headings.tolist():  # a handful per page
+        same_band = members[primary[members] == primary[h]]
+        best, best_overlap = 0, 0.0
+        for col in np.unique(column[same_band]).tolist():
+            boxes = same_band[column[same_band] == col]
+            left, right = b[boxes, 0].min(), b[boxes, 2].max()
+            overlap = min(right, b[h, 2]) - max(left, b[h, 0])
+            if overlap > best_overlap:
+                best, best_overlap = col, overlap
+        if best and best_overlap >= HEADING_SPAN * (b[h, 2] - b[h, 0]):
+            column[h] = best
+        elif best:
+            spanning.append(h)
+        else:  # a band of headings only: a column of its own
+            column[h] = int(column.max()) + 1
+    return np.asarray(spanning, dtype=np.intp)
 
 
 def empty_detections() -> Detections:

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 from orchestrator.config import read_toml
 from orchestrator.errors import ConfigError
-from orchestrator.types import Task
+from orchestrator.types import Task, TextFormat
 
 if TYPE_CHECKING:
     from orchestrator.config import VLLMConfig
@@ -218,6 +218,14 @@ class ModelProfile:
         """Prefill cost of one request: image tokens + template + prompt (about 3 chars/token)."""
         text = self.prompt(task) + (self.system_prompt or "")
         return self.budget.image_tokens(height, width) + self.template_tokens + len(text) // 3 + 1
+
+    def text_format(self, task: Task) -> TextFormat:
+        """How ``postprocess`` writes a task's text."""
+        if task is Task.TABLE and self.table_format == "html":
+            return TextFormat.HTML
+        if task is Task.FORMULA and self.formula_format == "latex":
+            return TextFormat.LATEX
+        return TextFormat.PLAIN
 
     def postprocess(self, task: Task, text: str) -> str:
         """Clean a raw completion: code fences, tables to HTML, formulas to bare LaTeX."""

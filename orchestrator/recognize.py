@@ -15,7 +15,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -23,7 +22,14 @@ import numpy as np
 
 from orchestrator.config import FolioConfig, RecognizeConfig
 from orchestrator.errors import ConfigError, RecognitionError
-from orchestrator.types import RecognitionResult, RegionTask, UInt8Array
+from orchestrator.types import (
+    LineCrop,
+    LineText,
+    RecognitionResult,
+    RegionTask,
+    TextFormat,
+    UInt8Array,
+)
 
 log = logging.getLogger("folio.recognize")
 
@@ -33,10 +39,14 @@ class Recognizer(Protocol):
     """Batch in, text out. Thread-safe: pipeline workers call it concurrently.
 
     Returns one result per task, in order. A region that fails gets a result with
-    ``error`` set; only a failure of the recogniser as a whole raises.
+    ``error`` set; only a failure of the recogniser as a whole raises. ``reads_lines``:
+    True when it reads a region's text lines (the crop stage cuts each line out), False
+    when it reads whole region crops (the lines' boxes are then stored with the region's
+    text).
     """
 
     name: str
+    reads_lines: bool
 
     def recognize(self, tasks: Sequence[RegionTask]) -> list[RecognitionResult]: ...
 
@@ -74,8 +84,8 @@ def rapidocr_rec_engine(threads: int, precision: str, width_bucket: int,
     if precision == "bf16":
         # rapidocr reads the character list from the onnxruntime session when it loads
         # the model; only the forward pass is swapped.
-        engine._load_rec_model().session = _OpenVINOBF16Session(
-            _rapidocr_models() / REC_MODEL, threads, width_bucket)
+        engine._load_rec_model().session = OpenVINOSession(
+            _rapidocr_models() / REC_MODEL, threads, "bf16", width_bucket)
     return engine
 
 
@@ -86,46 +96,48 @@ def cpu_has_native_bf16() -> bool:
     return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
-def resolve_rec_precision(precision: str) -> str:
-    """``recognize.precision`` made concrete for this machine: "fp32" or "bf16"."""
+def resolve_rec_precision(precision: str, key: str = "recognize.precision") -> str:
+    """A precision setting (``key``) made concrete for this machine: "fp32" or "bf16"."""
     if precision == "auto":
         return "bf16" if cpu_has_native_bf16() else "fp32"
     if precision == "bf16" and not cpu_has_native_bf16():
-        raise ConfigError("recognize.precision = bf16 needs a CPU with native BF16 "
+        raise ConfigError(f"{key} = bf16 needs a CPU with native BF16 "
                           "(AVX512-BF16 or AMX), and this one has none: use auto or fp32")
     if precision not in ("fp32", "bf16"):
-        raise ConfigError(f"recognize.precision must be fp32|bf16|auto, got {precision!r}")
+        raise ConfigError(f"{key} must be fp32|bf16|auto, got {precision!r}")
     return precision
 
 
-# Serialises each thread's first OpenVINO inference (see _OpenVINOBF16Session.__call__).
+# Serialises each thread's first OpenVINO inference (see OpenVINOSession.__call__).
 _OPENVINO_FIRST_CALL = threading.Lock()
 
 
-class _OpenVINOBF16Session:
-    """Stands in for rapidocr's onnxruntime session of the recognition model: the same
-    ONNX file compiled by OpenVINO with BF16 arithmetic.
+class OpenVINOSession:
+    """Stands in for one of rapidocr's onnxruntime sessions: the same ONNX file compiled
+    by OpenVINO at ``precision`` ("bf16" or "fp32").
 
     One compiled model per calling thread: a compiled model with one stream runs one
     request at a time, so a shared one would serialise the pool's workers. CPU pinning off:
     with it, every single-thread model is pinned to the same core.
     """
 
-    def __init__(self, model_path: Path, threads: int, width_bucket: int) -> None:
+    def __init__(self, model_path: Path, threads: int, precision: str,
+                 width_bucket: int | None = None) -> None:
         import openvino
 
         self._core = openvino.Core()
         self._model = self._core.read_model(str(model_path))
         self._threads = threads
+        self._precision = {"bf16": "bf16", "fp32": "f32"}[precision]
         self._bucket = width_bucket
         self._local = threading.local()
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         # OpenVINO compiles each new input shape once (a first call costs ~1.6x a repeat);
-        # line widths vary freely, so they are padded (with rapidocr's own padding value)
-        # up to a multiple of the bucket, and repeats hit the cache.
+        # text-line widths vary freely, so with a bucket they are padded (with rapidocr's
+        # own padding value) up to a multiple of it, and repeats hit the cache.
         width = batch.shape[-1]
-        padded = -(-width // self._bucket) * self._bucket
+        padded = width if self._bucket is None else -(-width // self._bucket) * self._bucket
         if padded != width:
             batch = np.pad(batch, ((0, 0), (0, 0), (0, 0), (0, padded - width)))
         request = self.thread_request()
@@ -147,7 +159,7 @@ class _OpenVINOBF16Session:
         request = getattr(self._local, "request", None)
         if request is None:
             compiled = self._core.compile_model(self._model, "CPU", {
-                "INFERENCE_PRECISION_HINT": "bf16",
+                "INFERENCE_PRECISION_HINT": self._precision,
                 "INFERENCE_NUM_THREADS": self._threads,
                 "NUM_STREAMS": 1,
                 "PERFORMANCE_HINT": "LATENCY",
@@ -158,21 +170,21 @@ class _OpenVINOBF16Session:
 
 
 class RapidOCRRecognizer:
-    """The embedded default: rapidocr's PP-OCR ONNX models, in-process.
+    """The embedded default: rapidocr's PP-OCR recognition model, in-process.
 
-    A block crop is read in two steps: text-line detection, then recognition of each line;
-    a crop no taller than one text line goes to recognition only. ``recognize`` runs the
-    steps inline in the calling thread (one region after the other). ``submit`` hands them
-    to a pool of ``workers`` threads as separate jobs, one detection per region and one job
-    per text line, taken oldest page first: every core stays busy down to the last line of
-    a run instead of idling while one thread reads a long page alone.
+    It reads text lines: each task carries its region's lines, found once on the page by
+    the decode stage and cut out by the crop stage, in reading order. ``recognize`` reads
+    them inline in the calling thread; ``submit`` hands each line to a pool of ``workers``
+    threads as a job of its own, taken oldest page first, so every core stays busy down
+    to the last line of a run instead of idling while one thread reads a long page alone.
 
-    One rapidocr engine, so one onnxruntime session per model, serves every thread:
-    ``InferenceSession.run`` is thread-safe, and folio calls the engine's step methods,
-    never its ``__call__`` (which stores per-call parameters on the engine).
+    One rapidocr engine serves every thread (its recogniser's session is thread-safe, and
+    the BF16 session compiles one model per thread); folio calls the recogniser directly,
+    never the engine's ``__call__`` (which stores per-call parameters on the engine).
     """
 
     name = "rapidocr"
+    reads_lines = True  # the crop stage cuts each line out; no region crops are needed
 
     def __init__(self, cfg: RecognizeConfig) -> None:
         self._cfg = cfg
@@ -186,75 +198,48 @@ class RapidOCRRecognizer:
         self.precision = resolve_rec_precision(cfg.precision)
         self.model = f"rapidocr-{_rapidocr_version()}:PP-OCRv6-small:rec-{self.precision}"
 
-    # -- the steps (shared by the inline and pooled paths) ------------------------------
-
-    def _steps(self) -> Any:
+    def _recogniser(self) -> Any:
         if self._engine is None:
             with self._engine_lock:
                 if self._engine is None:
                     self._engine = rapidocr_rec_engine(
-                        self._cfg.threads, self.precision, self._cfg.bf16_width_bucket_px, {
-                            # "max" caps the long side; the default "min" upscales crops 2-4x.
-                            "Det.limit_type": "max",
-                            "Det.limit_side_len": self._cfg.det_limit_side_len,
-                        })
-        return self._engine
+                        self._cfg.threads, self.precision, self._cfg.bf16_width_bucket_px,
+                        {"Global.use_det": False})
+        return self._engine._load_rec_model()
 
-    def _is_line(self, task: RegionTask) -> bool:
-        return task.image.shape[0] <= self._cfg.single_line_max_height_px
-
-    def _detect(self, image: UInt8Array) -> _DetectedLines:
-        """Text-line boxes (in ``image`` pixels) and the line crops to read."""
-        from rapidocr.main import RapidOCRError
-        from rapidocr.utils.process_img import map_boxes_to_original
-
-        engine = self._steps()
-        prepared, record = engine.preprocess_img(image)
-        try:
-            crops, det = engine.detect_and_crop(prepared, record)
-        except RapidOCRError:  # no text line in the crop: normal for a blank region
-            return _DetectedLines(np.zeros((0, 4, 2), np.float32), [])
-        boxes = map_boxes_to_original(det.boxes, record, image.shape[0], image.shape[1])
-        return _DetectedLines(boxes, list(crops))
-
-    def _read(self, image: UInt8Array, *, whole_crop: bool = False) -> tuple[str, float]:
+    def _read(self, image: UInt8Array | None) -> tuple[str, float]:
         """One text line's text and confidence. One line per call: lines padded to the
         widest in a batch waste CPU (rec 2.2 s vs 2.8 s at rapidocr's batch of 6)."""
         from rapidocr.ch_ppocr_rec import TextRecInput
 
-        engine = self._steps()
-        if whole_crop:  # a region that is one line: rapidocr's own bounds first
-            image, _ = engine.preprocess_img(image)
-        out = engine._load_rec_model()(TextRecInput(img=[image]))
+        if image is None:
+            raise RecognitionError("a text line reached the recogniser without its pixels")
+        out = self._recogniser()(TextRecInput(img=[image]))
         return str(out.txts[0]), float(out.scores[0])
 
-    def _assemble(self, found: _DetectedLines, reads: Sequence[tuple[str, float]]) -> str:
-        """The region's text from its lines: blank and low-confidence lines dropped."""
-        min_score = self._steps().text_score
-        keep = [i for i, (text, score) in enumerate(reads) if text.strip() and score >= min_score]
-        return "\n".join(_lines_in_order(found.boxes[keep], [reads[i][0] for i in keep]))
-
-    def _result(self, text: str, start: float, work_s: float | None = None) -> RecognitionResult:
-        """``latency_s``: the region's wall time; ``work_s``: the thread-seconds spent on it
-        (the same inline; in the pool, its detection plus every line, wherever they ran)."""
-        latency = time.perf_counter() - start
-        return RecognitionResult(text=text, stats={
-            "model": self.model, "latency_s": latency,
-            "work_s": latency if work_s is None else work_s})
+    def _assemble(self, task: RegionTask, reads: Sequence[tuple[str, float]],
+                  start: float, work_s: float) -> RecognitionResult:
+        """The region's result from its lines' reads (in the task's line order)."""
+        lines = [
+            LineText(bbox=line.bbox, text=text, score=score,
+                     low_confidence=score < self._cfg.min_line_score)
+            for line, (text, score) in zip(task.lines, reads, strict=True)
+        ]
+        return RecognitionResult(
+            text=region_text(task.lines, [t for t, _ in reads]),
+            lines=lines,
+            confidence=text_confidence(reads),
+            text_format=TextFormat.PLAIN,
+            stats={"model": self.model, "latency_s": time.perf_counter() - start,
+                   "work_s": work_s},
+        )
 
     # -- inline ----------------------------------------------------------------------
 
-    def _line_region(self, task: RegionTask, start: float) -> RecognitionResult:
-        """A region no taller than one line: recognition only."""
-        text, _ = self._read(task.image, whole_crop=True)
-        return self._result(text if text.strip() else "", start)
-
     def _one(self, task: RegionTask) -> RecognitionResult:
         start = time.perf_counter()
-        if self._is_line(task):
-            return self._line_region(task, start)
-        found = self._detect(task.image)
-        return self._result(self._assemble(found, [self._read(c) for c in found.crops]), start)
+        reads = [self._read(line.image) for line in task.lines]
+        return self._assemble(task, reads, start, time.perf_counter() - start)
 
     def recognize(self, tasks: Sequence[RegionTask]) -> list[RecognitionResult]:
         results: list[RecognitionResult] = []
@@ -281,8 +266,15 @@ class RapidOCRRecognizer:
         with self._pool_lock:
             self._pending.add(page)
         future.add_done_callback(lambda _: self._forget(page))
-        for i, task in enumerate(tasks):
-            pool.put(order, functools.partial(self._region_job, pool, order, page, i, task))
+        start = time.perf_counter()
+        for index, task in enumerate(tasks):
+            if not task.lines:
+                page.done(index, self._assemble(task, [], start, 0.0))
+                continue
+            region = _RegionWork(len(task.lines))
+            for line in range(len(task.lines)):
+                pool.put(order, functools.partial(
+                    self._line_job, page, index, task, region, line, start))
         return future
 
     def _forget(self, page: _PageWork) -> None:
@@ -297,33 +289,11 @@ class RapidOCRRecognizer:
                 self._pool = _JobPool(self._cfg.workers)
             return self._pool
 
-    def _region_job(self, pool: _JobPool, order: int, page: _PageWork, index: int,
-                    task: RegionTask) -> None:
-        start = time.perf_counter()
-        try:
-            if self._is_line(task):
-                page.done(index, self._line_region(task, start))
-                return
-            found = self._detect(task.image)
-        except Exception as exc:
-            page.done(index, _failed(exc))
-            return
-        if not found.crops:
-            page.done(index, self._result("", start))
-            return
-        region = _RegionWork(len(found.crops), time.perf_counter() - start)
-        try:
-            for line, crop in enumerate(found.crops):
-                pool.put(order, functools.partial(
-                    self._line_job, page, index, region, found, line, crop, start))
-        except RecognitionError as exc:  # closed meanwhile: close() fails the page
-            page.fail(exc)
-
-    def _line_job(self, page: _PageWork, index: int, region: _RegionWork,
-                  found: _DetectedLines, line: int, crop: UInt8Array, start: float) -> None:
+    def _line_job(self, page: _PageWork, index: int, task: RegionTask, region: _RegionWork,
+                  line: int, start: float) -> None:
         began = time.perf_counter()
         try:
-            read: tuple[str, float] | Exception = self._read(crop)
+            read: tuple[str, float] | Exception = self._read(task.lines[line].image)
         except Exception as exc:
             read = exc
         reads = region.done(line, read, time.perf_counter() - began)
@@ -334,8 +304,8 @@ class RapidOCRRecognizer:
             page.done(index, _failed(failure))
             return
         try:
-            text = self._assemble(found, reads)  # type: ignore[arg-type]
-            page.done(index, self._result(text, start, region.work_s))
+            page.done(index, self._assemble(task, reads, start,  # type: ignore[arg-type]
+                                            region.work_s))
         except Exception as exc:
             page.done(index, _failed(exc))
 
@@ -350,14 +320,33 @@ class RapidOCRRecognizer:
             page.fail(RecognitionError("the rapidocr recogniser was closed"))
 
 
+def region_text(lines: Sequence[LineCrop], texts: Sequence[str]) -> str:
+    """A region's text from its lines (in reading order): a row's lines joined by a space,
+    rows by a newline; lines read as nothing are left out."""
+    rows: list[list[str]] = []
+    last_row: int | None = None
+    for line, text in zip(lines, texts, strict=True):
+        if not text.strip():
+            continue
+        if rows and line.row == last_row:
+            rows[-1].append(text.strip())
+        else:
+            rows.append([text.strip()])
+        last_row = line.row
+    return "\n".join(" ".join(row) for row in rows)
+
+
+def text_confidence(reads: Sequence[tuple[str, float]]) -> float | None:
+    """The mean of the lines' scores weighted by their length (None: nothing was read)."""
+    weights = [(len(text.strip()), score) for text, score in reads if text.strip()]
+    total = sum(w for w, _ in weights)
+    if not total:
+        return None
+    return sum(w * score for w, score in weights) / total
+
+
 def _failed(exc: BaseException) -> RecognitionResult:
     return RecognitionResult(text=None, error=f"{type(exc).__name__}: {exc}")
-
-
-@dataclass(frozen=True, slots=True)
-class _DetectedLines:
-    boxes: np.ndarray  # (N, 4, 2) line quadrilaterals in the region crop's pixels
-    crops: list[UInt8Array]  # the N line images, in the same order
 
 
 class _PageWork:
@@ -387,11 +376,11 @@ class _PageWork:
 class _RegionWork:
     """The lines of one region being read by several workers."""
 
-    def __init__(self, lines: int, detect_s: float) -> None:
+    def __init__(self, lines: int) -> None:
         self._reads: list[tuple[str, float] | Exception | None] = [None] * lines
         self._left = lines
         self._lock = threading.Lock()
-        self.work_s = detect_s  # thread-seconds so far: detection, then each line read
+        self.work_s = 0.0  # thread-seconds so far: each line read
 
     def done(self, line: int, read: tuple[str, float] | Exception, read_s: float
              ) -> list[tuple[str, float] | Exception] | None:
@@ -445,31 +434,6 @@ class _JobPool:
             self._cond.notify_all()
         for thread in self._threads:
             thread.join()
-
-
-def _lines_in_order(boxes: Any, txts: Sequence[str] | None) -> list[str]:
-    """Text lines top to bottom; lines whose vertical centres overlap read left to right."""
-    if boxes is None or not txts:
-        return []
-    arr = np.asarray(boxes, dtype=np.float32)  # (N, 4, 2)
-    top = arr[:, :, 1].min(axis=1)
-    bottom = arr[:, :, 1].max(axis=1)
-    left = arr[:, :, 0].min(axis=1)
-    centre = (top + bottom) / 2
-    height = np.maximum(bottom - top, 1.0)
-    order = np.argsort(centre, kind="stable")
-    rows: list[list[int]] = []
-    for i in order:
-        if rows and abs(centre[i] - centre[rows[-1][-1]]) < 0.5 * height[i]:
-            rows[-1].append(int(i))
-        else:
-            rows.append([int(i)])
-    lines: list[str] = []
-    for row in rows:
-        words = [txts[i] for i in sorted(row, key=lambda j: left[j]) if txts[i].strip()]
-        if words:
-            lines.append(" ".join(words))
-    return lines
 
 
 def _rapidocr_models() -> Path:

@@ -271,6 +271,7 @@ class VLLMRecognizer:
     """
 
     name = "vllm"
+    reads_lines = False  # one request per region crop; line boxes come from the page
 
     # created on the loop thread by _setup()
     _client: httpx.AsyncClient
@@ -522,6 +523,8 @@ class VLLMRecognizer:
         return await job.future
 
     def _prepare(self, task: RegionTask, model: str) -> tuple[EncodedCrop, bytes]:
+        if task.image is None:
+            raise RecognitionError("a region reached the vLLM recogniser without its crop")
         crop = self._encoder(task.image, self.profile)
         return crop, request_bytes(self.profile, model, task.task, crop.data_url)
 
@@ -703,7 +706,8 @@ class VLLMRecognizer:
             if ttft <= self.cfg.ttft_sla_s:
                 s.good += 1
             s.last_end = end
-        return RecognitionResult(text=text, stats=stats)
+        return RecognitionResult(text=text, stats=stats,
+                                 text_format=self.profile.text_format(job.task.task))
 
     # -- results ---------------------------------------------------------------------------
 

@@ -127,6 +127,16 @@ def _stored(conn: Any, source: str, page: int) -> tuple[Any, list[Any], dict[str
     return row, regions, config
 
 
+def stored_page_pixels(source: str, page: int, rotation: int, run_config: dict[str, Any] | None,
+                       cfg: SourceConfig) -> Any:
+    """A stored page read again from its source as the run that wrote it saw it: at that
+    run's DPI, turned upright as the decode stage turned it (HWC uint8 BGR)."""
+    dpi = (run_config or {}).get("sources", {}).get("dpi")
+    if isinstance(dpi, int | float) and dpi > 0:
+        cfg = dataclasses.replace(cfg, dpi=int(dpi))
+    return rotate_clockwise(decode_for_display(load_page(PageRef(source, page), cfg)), rotation)
+
+
 def render_page(
     db: Path, source: str | None, page: int, out: Path, cfg: SourceConfig
 ) -> Path:
@@ -145,11 +155,7 @@ def render_page(
         )
     finally:
         conn.close()
-    dpi = (config or {}).get("sources", {}).get("dpi")
-    if isinstance(dpi, int | float) and dpi > 0:
-        cfg = dataclasses.replace(cfg, dpi=int(dpi))
-    # Boxes are on the page as turned upright by the decode stage.
-    pixels = rotate_clockwise(decode_for_display(load_page(PageRef(source, page), cfg)), rotation)
+    pixels = stored_page_pixels(source, page, rotation, config, cfg)
     image = Image.fromarray(pixels[:, :, ::-1].copy()).convert("RGB")
     # Boxes are in the page pixels recorded at write time; rescale if the image differs.
     sx = image.width / width if width else 1.0

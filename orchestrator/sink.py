@@ -1,12 +1,16 @@
 """The SQLite sink: one writer thread, batched transactions, exactly-once pages.
 
-Every page is written in one transaction together with its regions: the page row is
-upserted (its id stays stable across runs), its old regions are deleted and the new ones
-inserted. A re-run never duplicates a page, and a process killed at any instant leaves
-each page either whole or absent. Pages reach the database through a bounded queue
-drained by one writer thread that commits every ``sink.batch_rows`` rows (pages +
-regions) or every ``sink.flush_interval_s`` seconds, whichever comes first; never a
-commit per row.
+Every page is written in one transaction together with its regions and their text lines:
+the page row is upserted (its id stays stable across runs), its old regions and lines are
+deleted and the new ones inserted. A re-run never duplicates a page, and a process killed
+at any instant leaves each page either whole or absent. Pages reach the database through
+a bounded queue drained by one writer thread that commits every ``sink.batch_rows`` rows
+(pages + regions + lines) or every ``sink.flush_interval_s`` seconds, whichever comes
+first; never a commit per row.
+
+Tables: ``runs``, ``documents``, ``pages``, ``regions`` (one row per region: label, task,
+origin ``layout``/``lines``, box, text, text format, confidence, recogniser stats) and
+``lines`` (one row per text line: its region, box, text, score, low-confidence flag).
 
 Usage::
 
@@ -38,11 +42,11 @@ from typing import Any, Self
 
 from orchestrator.config import SinkConfig
 from orchestrator.errors import SinkError
-from orchestrator.types import PageOutcome, PageRef
+from orchestrator.types import LineText, PageOutcome, PageRef, RecognitionResult, Region
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 30_000
-STAGE_TIMINGS = ("read_s", "decode_s", "layout_s", "crop_s", "recognize_s")
+STAGE_TIMINGS = ("read_s", "decode_s", "lines_s", "layout_s", "crop_s", "recognize_s")
 REGION_STATS = (
     "model", "prompt_tokens", "completion_tokens", "finish_reason", "latency_s", "ttft_s",
     "tpot_s",
@@ -74,6 +78,7 @@ CREATE TABLE IF NOT EXISTS pages (
     rotation INTEGER NOT NULL DEFAULT 0,
     read_s REAL,
     decode_s REAL,
+    lines_s REAL,
     layout_s REAL,
     crop_s REAL,
     recognize_s REAL,
@@ -88,7 +93,10 @@ CREATE TABLE IF NOT EXISTS regions (
     score REAL,
     x0 REAL, y0 REAL, x1 REAL, y1 REAL,
     polygon TEXT,
+    origin TEXT NOT NULL DEFAULT 'layout',
     text TEXT,
+    text_format TEXT,
+    confidence REAL,
     error TEXT,
     model TEXT,
     prompt_tokens INTEGER,
@@ -100,25 +108,48 @@ CREATE TABLE IF NOT EXISTS regions (
     PRIMARY KEY (page_id, idx)
 );
 CREATE INDEX IF NOT EXISTS pages_run ON pages(run_id, status);
+""" + """
+CREATE TABLE IF NOT EXISTS lines (
+    page_id INTEGER NOT NULL REFERENCES pages(id) ON DELETE CASCADE,
+    region_idx INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    x0 REAL, y0 REAL, x1 REAL, y1 REAL,
+    text TEXT,
+    score REAL,
+    low_confidence INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (page_id, region_idx, idx)
+) WITHOUT ROWID;
+"""
+# Version 1 databases gain the text lines and the per-region fields in place; their pages
+# keep what they had (no lines) until a run rewrites them.
+_MIGRATE_1_TO_2 = """
+ALTER TABLE pages ADD COLUMN lines_s REAL;
+ALTER TABLE regions ADD COLUMN origin TEXT NOT NULL DEFAULT 'layout';
+ALTER TABLE regions ADD COLUMN text_format TEXT;
+ALTER TABLE regions ADD COLUMN confidence REAL;
 """
 
 _UPSERT_PAGE = """
 INSERT INTO pages (document_id, page, run_id, status, error, width, height, rotation,
-                   read_s, decode_s, layout_s, crop_s, recognize_s, written_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                   read_s, decode_s, lines_s, layout_s, crop_s, recognize_s, written_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (document_id, page) DO UPDATE SET
     run_id = excluded.run_id, status = excluded.status, error = excluded.error,
     width = excluded.width, height = excluded.height, rotation = excluded.rotation,
-    read_s = excluded.read_s,
-    decode_s = excluded.decode_s, layout_s = excluded.layout_s, crop_s = excluded.crop_s,
+    read_s = excluded.read_s, decode_s = excluded.decode_s, lines_s = excluded.lines_s,
+    layout_s = excluded.layout_s, crop_s = excluded.crop_s,
     recognize_s = excluded.recognize_s, written_at = excluded.written_at
 RETURNING id
 """
 _INSERT_REGION = """
-INSERT INTO regions (page_id, idx, label, task, score, x0, y0, x1, y1, polygon, text, error,
-                     model, prompt_tokens, completion_tokens, finish_reason, latency_s,
-                     ttft_s, tpot_s)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+INSERT INTO regions (page_id, idx, label, task, score, x0, y0, x1, y1, polygon, origin, text,
+                     text_format, confidence, error, model, prompt_tokens, completion_tokens,
+                     finish_reason, latency_s, ttft_s, tpot_s)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+_INSERT_LINE = """
+INSERT INTO lines (page_id, region_idx, idx, x0, y0, x1, y1, text, score, low_confidence)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 
 _STOP = object()  # queue marker: commit what is pending, then end the writer thread
@@ -155,7 +186,7 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
 
 def ensure_schema(conn: sqlite3.Connection, path: Path) -> None:
     version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version not in (0, SCHEMA_VERSION):
+    if version not in (0, 1, SCHEMA_VERSION):
         raise SinkError(
             f"{path} has schema version {version}; this folio writes version {SCHEMA_VERSION}"
         )
@@ -166,9 +197,14 @@ def ensure_schema(conn: sqlite3.Connection, path: Path) -> None:
                 "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
             )
         }
-        if tables - {"runs", "documents", "pages", "regions"}:
+        if tables - {"runs", "documents", "pages", "regions", "lines"}:
             raise SinkError(f"{path} is an SQLite database, but not a folio one")
         conn.executescript(SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
+    elif version == 1:
+        conn.executescript(
+            "BEGIN IMMEDIATE;" + _MIGRATE_1_TO_2 + SCHEMA
+            + f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+        )
 
 
 class _Writer:
@@ -207,31 +243,51 @@ class _Writer:
                 _UPSERT_PAGE,
                 (
                     self.doc_ids[o.ref.source], o.ref.page, run_id, o.status, o.error,
-                    o.width, o.height, o.rotation, t.get("read_s"), t.get("decode_s"),
-                    t.get("layout_s"),
-                    t.get("crop_s"), t.get("recognize_s"), now,
+                    o.width, o.height, o.rotation,
+                    *(t.get(name) for name in STAGE_TIMINGS), now,
                 ),
             ).fetchone()
+            cur.execute("DELETE FROM lines WHERE page_id = ?", (page_id,))
             cur.execute("DELETE FROM regions WHERE page_id = ?", (page_id,))
             if o.regions:
                 cur.executemany(
                     _INSERT_REGION, [_region_row(page_id, r, res) for r, res in o.regions]
                 )
-            rows += 1 + len(o.regions)
+                lines = [_line_row(page_id, r.index, i, line)
+                         for r, res in o.regions if res is not None
+                         for i, line in enumerate(res.lines)]
+                if lines:
+                    cur.executemany(_INSERT_LINE, lines)
+            rows += outcome_rows(o)
         return rows
 
 
-def _region_row(page_id: int, region: Any, result: Any) -> tuple[Any, ...]:
+def _region_row(page_id: int, region: Region, result: RecognitionResult | None
+                ) -> tuple[Any, ...]:
     x0, y0, x1, y1 = region.bbox
     polygon = None if region.polygon is None else json.dumps([list(p) for p in region.polygon])
     stats = result.stats if result is not None else {}
     return (
         page_id, region.index, region.label, str(region.task), float(region.score),
-        float(x0), float(y0), float(x1), float(y1), polygon,
+        float(x0), float(y0), float(x1), float(y1), polygon, str(region.origin),
         None if result is None else result.text,
+        None if result is None or result.text is None else str(result.text_format),
+        None if result is None else result.confidence,
         None if result is None else result.error,
         *(stats.get(k) for k in REGION_STATS),
     )
+
+
+def outcome_rows(outcome: PageOutcome) -> int:
+    """Rows one page writes: the page, its regions and their lines."""
+    return 1 + len(outcome.regions) + sum(
+        len(res.lines) for _, res in outcome.regions if res is not None)
+
+
+def _line_row(page_id: int, region_idx: int, idx: int, line: LineText) -> tuple[Any, ...]:
+    x0, y0, x1, y1 = line.bbox
+    return (page_id, region_idx, idx, float(x0), float(y0), float(x1), float(y1), line.text,
+            line.score, int(line.low_confidence))
 
 
 class SQLiteSink:
@@ -458,7 +514,7 @@ class SQLiteSink:
                 if not pending:
                     deadline = time.monotonic() + interval
                 pending.append(item)
-                rows += 1 + len(item.regions)
+                rows += outcome_rows(item)
             if pending and (
                 stop or flush or rows >= batch_rows or time.monotonic() >= deadline
             ):

@@ -1,9 +1,10 @@
-"""Orientation cost per page: the probe as it was (six fp32 reads: three lines as they
-stand and turned) vs now (three reads at ``decode.orient_precision``, the turned reading
-only when the lines do not read confidently), on the same pages, in one run.
+"""Orientation probe cost per page: the probe reads as they were (six fp32 reads: three
+lines as they stand and turned) vs now (three reads at ``decode.orient_precision``, the
+turned reading only when the lines do not read confidently), on the same pages, in one run.
 
-Every page is tried in four rotations; the two detectors must agree on each, so the
-ratio compares the same verdicts.
+Every page is tried in four rotations; the page's text lines are detected once per
+rotation (shared by both, not timed: the decode stage finds them for every page anyway);
+the two detectors must agree on each, so the ratio compares the same verdicts.
 
     .venv/bin/python perf/bench_orient.py [SOURCE...]
 """
@@ -20,6 +21,7 @@ from orchestrator.config import FolioConfig
 from orchestrator.decode import Decoder
 from orchestrator.orient import OrientationDetector, rotate_clockwise
 from orchestrator.sources import open_sources
+from orchestrator.textlines import LineDetector
 
 
 def main() -> None:
@@ -29,6 +31,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = FolioConfig().override({"decode.orient": False, "decode.device": "cpu"})
     decoder = Decoder(cfg.decode, cfg.sources)
+    lines = LineDetector(cfg.lines)
     detectors = {
         "both ways, fp32": OrientationDetector(dataclasses.replace(
             cfg.decode, orient_confident=1.0, orient_precision="fp32")),
@@ -41,17 +44,19 @@ def main() -> None:
         (decoded,) = decoder.decode([encoded])
         if not isinstance(decoded, Exception):
             images.append(decoded.image)
+    warm = rotate_clockwise(images[0], 180)
     for det in detectors.values():  # warm-up: engines, first-call compiles
-        det.detect(rotate_clockwise(images[0], 180))
+        det.detect(warm, lines.detect(warm))
     cpu = dict.fromkeys(detectors, 0.0)
     differ = 0
     for image in images:
         for turn in (0, 90, 180, 270):
             turned = rotate_clockwise(image, turn)
+            found = lines.detect(turned)
             verdicts = set()
             for name, det in detectors.items():
                 start = time.thread_time()
-                verdicts.add(det.detect(turned))
+                verdicts.add(det.detect(turned, found))
                 cpu[name] += time.thread_time() - start
             differ += len(verdicts) > 1
     tried = 4 * len(images)

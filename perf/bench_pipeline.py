@@ -54,6 +54,7 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
 def _naive(sources: list[str], db: Path, limit: int, overrides: dict[str, Any],
            staged: bool = False) -> dict[str, float]:
     from orchestrator.config import FolioConfig
+    from orchestrator.coverage import cover_page
     from orchestrator.crop import region_tasks
     from orchestrator.decode import Decoder
     from orchestrator.pipeline import InProcessLayout
@@ -65,12 +66,12 @@ def _naive(sources: list[str], db: Path, limit: int, overrides: dict[str, Any],
     cores = os.cpu_count() or 1
     cfg = FolioConfig().override({**overrides, "decode.batch_size": 1})
     if not staged:
-        cfg = cfg.override({"decode.threads": cores, "layout.threads": cores,
-                            "recognize.threads": cores})
+        cfg = cfg.override({"decode.threads": cores, "lines.threads": cores,
+                            "layout.threads": cores, "recognize.threads": cores})
     import torch
 
     torch.set_num_threads(cfg.layout.threads)
-    decoder = Decoder(cfg.decode, cfg.sources)
+    decoder = Decoder(cfg.decode, cfg.sources, cfg.lines)
     layout = InProcessLayout(cfg, "cpu")
     recognizer = RapidOCRRecognizer(cfg.recognize)
     pages = 0
@@ -84,6 +85,7 @@ def _naive(sources: list[str], db: Path, limit: int, overrides: dict[str, Any],
             assert not isinstance(decoded, Exception), decoded
             (result,) = layout.detect([decoded], [encoded])
             assert not isinstance(result, Exception), result
+            result = cover_page(result, decoded.lines, cfg.lines, cfg.layout)
             tasks = region_tasks(decoded, result, cfg.crop)
             texts = dict(zip((t.region.index for t in tasks), recognizer.recognize(tasks),
                              strict=True))

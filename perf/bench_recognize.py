@@ -1,17 +1,13 @@
-"""Recognition precision and crop margin: CPU and text, on the corpus, in one run.
+"""Recognition precision: CPU and text, on the corpus, in one run.
 
-Decodes and lays out every corpus page once, then:
+Decodes every corpus page once (with its text lines), lays it out and gives its lines to
+its regions, then reads every region's lines through ``RapidOCRRecognizer.submit`` (the
+pipeline's pool) at each of ``--precisions`` (default fp32,bf16); prints the recognition
+CPU, the word F1 of each against the first (fp32: the reference numerics), linn.png's word
+F1 against linn.txt, and the lines that differ.
 
-1. ``--precisions`` (default fp32,bf16): reads every region through
-   ``RapidOCRRecognizer.submit`` (the pipeline's pool) at each precision; prints the
-   recognition CPU, the word F1 of each against the first (fp32: the reference numerics),
-   linn.png's word F1 against linn.txt, and the lines that differ;
-2. ``--margins`` (default 4,16): cuts the regions with each ``crop.margin_px`` and reads
-   them inline at fp32; prints how many detected text lines touch the crop's left or right
-   edge (such a line has usually lost letters) and linn.png's word F1.
-
-    .venv/bin/python perf/bench_recognize.py [--precisions fp32,bf16] [--margins 4,16]
-        [--show-diffs N] [SOURCE...]
+    .venv/bin/python perf/bench_recognize.py [--precisions fp32,bf16] [--show-diffs N]
+        [SOURCE...]
 """
 
 from __future__ import annotations
@@ -25,6 +21,7 @@ import time
 from corpus import CORPUS_PAGES, REPO
 
 from orchestrator.config import FolioConfig
+from orchestrator.coverage import cover_page
 from orchestrator.crop import region_tasks
 from orchestrator.decode import Decoder
 from orchestrator.pipeline import InProcessLayout
@@ -37,13 +34,15 @@ from textmetrics import word_f1
 
 
 def laid_out(sources: list[str], cfg: FolioConfig) -> list[tuple[str, DecodedPage, LayoutResult]]:
-    decoder, layout = Decoder(cfg.decode, cfg.sources), InProcessLayout(cfg, "cpu")
+    decoder = Decoder(cfg.decode, cfg.sources, cfg.lines)
+    layout = InProcessLayout(cfg, "cpu")
     pages = []
     for encoded in open_sources(sources, cfg.sources).pages():
         (decoded,) = decoder.decode([encoded])
         assert not isinstance(decoded, Exception), decoded
         (result,) = layout.detect([decoded], [encoded])
         assert not isinstance(result, Exception), result
+        result = cover_page(result, decoded.lines, cfg.lines, cfg.layout)
         pages.append((str(encoded.ref), decoded, result))
     return pages
 
@@ -84,42 +83,16 @@ def precisions(pages: list[tuple[str, DecodedPage, LayoutResult]], cfg: FolioCon
             print("   ", line[:110])
 
 
-def margins(pages: list[tuple[str, DecodedPage, LayoutResult]], cfg: FolioConfig,
-            values: list[int]) -> None:
-    rec = RapidOCRRecognizer(dataclasses.replace(cfg.recognize, precision="fp32"))
-    for margin in values:
-        crop = dataclasses.replace(cfg.crop, margin_px=margin)
-        lines = touching = 0
-        texts = []
-        for _, page, layout in pages:
-            tasks = region_tasks(page, layout, crop)
-            for task in tasks:
-                if rec._is_line(task):
-                    continue
-                found = rec._detect(task.image)
-                lines += len(found.boxes)
-                width = task.image.shape[1]
-                touching += sum(1 for box in found.boxes
-                                if box[:, 0].min() <= 1 or box[:, 0].max() >= width - 2)
-            texts.append("\n".join(r.text or "" for r in rec.recognize(tasks)))
-        print(f"crop.margin_px {margin:3d}: {touching} of {lines} text lines touch the crop's "
-              f"left/right edge, linn F1 {linn_f1(pages, texts)}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sources", nargs="*", default=[str(CORPUS_PAGES)])
     parser.add_argument("--precisions", default="fp32,bf16")
-    parser.add_argument("--margins", default="4,16")
     parser.add_argument("--show-diffs", type=int, default=0, help="print N differing lines")
     args = parser.parse_args()
     cfg = FolioConfig()
     pages = laid_out(args.sources, cfg)
     print(f"{len(pages)} pages")
-    if args.precisions:
-        precisions(pages, cfg, args.precisions.split(","), args.show_diffs)
-    if args.margins:
-        margins(pages, cfg, [int(m) for m in args.margins.split(",")])
+    precisions(pages, cfg, args.precisions.split(","), args.show_diffs)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Crop and recognize stages on real pages (layout-independent)."""
+"""Crop and recognize stages on real pages: lines found on the page, read per region."""
 
 from __future__ import annotations
 
@@ -12,19 +12,30 @@ import numpy as np
 import pytest
 from textmetrics import word_f1
 
-from orchestrator.config import CropConfig, RecognizeConfig
+from orchestrator.config import CropConfig, LayoutConfig, LinesConfig, RecognizeConfig
+from orchestrator.coverage import cover_page
 from orchestrator.crop import crop_bounds, crop_region, region_tasks
 from orchestrator.errors import ConfigError, RecognitionError
 from orchestrator.recognize import (
     REC_MODEL,
+    OpenVINOSession,
     RapidOCRRecognizer,
     Recognizer,
-    _lines_in_order,
-    _OpenVINOBF16Session,
     _rapidocr_models,
     cpu_has_native_bf16,
+    region_text,
+    text_confidence,
 )
-from orchestrator.types import DecodedPage, LayoutResult, PageRef, Region, RegionTask, Task
+from orchestrator.textlines import LineDetector
+from orchestrator.types import (
+    DecodedPage,
+    LayoutResult,
+    LineCrop,
+    PageRef,
+    Region,
+    RegionTask,
+    Task,
+)
 
 
 def _region(index: int, bbox: tuple[float, float, float, float], task: Task = Task.TEXT,
@@ -47,25 +58,65 @@ def test_polygon_crop_masks_outside_to_white() -> None:
     assert crop[75, 75].tolist() == [255, 255, 255]  # outside: paper
 
 
-def test_region_tasks_skip_figures_and_tiny_boxes() -> None:
-    image = np.full((200, 200, 3), 255, np.uint8)
-    page = DecodedPage(ref=PageRef("p", 1), image=image,
+@pytest.fixture(scope="module")
+def linn_page(corpus_dir: Path) -> DecodedPage:
+    """linn.png decoded, with its text lines found on the whole page."""
+    image = cv2.imread(str(corpus_dir / "pages" / "linn.png"))
+    page = DecodedPage(ref=PageRef("linn", 1), image=image,
                        model_input=np.zeros((3, 8, 8), np.float32))
-    layout = LayoutResult(width=200, height=200, regions=[
-        _region(0, (10, 10, 100, 50)), _region(1, (10, 60, 100, 150), Task.SKIP),
-        _region(2, (150, 150, 151, 151)), _region(3, (10, 160, 190, 190), Task.TABLE),
-    ])
-    tasks = region_tasks(page, layout, CropConfig(margin_px=0, min_side_px=4))
-    assert [t.region.index for t in tasks] == [0, 3]
-    assert tasks[1].task is Task.TABLE
-    assert tasks[0].image.shape == (40, 90, 3)
+    page.lines = LineDetector(LinesConfig()).detect(image)
+    return page
 
 
-def test_lines_are_read_top_to_bottom_left_to_right() -> None:
-    def box(x0: float, y0: float, x1: float, y1: float) -> list[list[float]]:
-        return [[x0, y0], [x1, y0], [x1, y1], [x0, y1]]
-    boxes = np.array([box(200, 12, 300, 30), box(0, 50, 100, 70), box(0, 10, 100, 30)])
-    assert _lines_in_order(boxes, ["right", "second", "left"]) == ["left right", "second"]
+def _linn_layout(page: DecodedPage, extra: list[Region] | None = None) -> LayoutResult:
+    """linn.png cut by hand into a heading band, two column blocks and a bottom band
+    (plus ``extra`` regions), then given its lines."""
+    h, w = page.image.shape[:2]
+    boxes = [(0, 0, w, h // 3), (0, h // 3, w // 2, 2 * h // 3), (w // 2, h // 3, w, 2 * h // 3),
+             (0, 2 * h // 3, w, h)]
+    regions = [_region(i, tuple(float(v) for v in box)) for i, box in enumerate(boxes)]
+    layout = LayoutResult(width=w, height=h, regions=regions + (extra or []))
+    return cover_page(layout, page.lines, LinesConfig(), LayoutConfig())
+
+
+def _linn_tasks(page: DecodedPage, number: int = 1) -> list[RegionTask]:
+    tasks = region_tasks(page, _linn_layout(page), CropConfig())
+    for task in tasks:
+        task.ref = PageRef("linn", number)
+    return tasks
+
+
+def test_region_tasks_carry_their_lines_cut_out_in_reading_order(linn_page: DecodedPage
+                                                                 ) -> None:
+    h, w = linn_page.image.shape[:2]
+    figure = Region(4, "figure", Task.SKIP, 0.9, (10.0, 10.0, 60.0, 60.0))  # holds no line
+    layout = _linn_layout(linn_page, [figure])
+    tasks = region_tasks(linn_page, layout, CropConfig())
+    assert len(tasks) == 4 and all(t.image is None for t in tasks)
+    assert sum(len(t.lines) for t in tasks) == len(linn_page.lines or [])  # each line once
+    for task in tasks:
+        x0, y0, x1, y1 = task.region.bbox
+        rows = [line.row for line in task.lines]
+        assert rows == sorted(rows)  # top to bottom
+        for line in task.lines:
+            assert line.image is not None and line.image.shape[1] > line.image.shape[0]
+            cx, cy = (line.bbox[0] + line.bbox[2]) / 2, (line.bbox[1] + line.bbox[3]) / 2
+            assert x0 - 1 <= cx <= x1 + 1 and y0 - 1 <= cy <= y1 + 1
+    # a recogniser that reads regions gets each region's crop and the lines' boxes only
+    whole = region_tasks(linn_page, layout, CropConfig(margin_px=0), reads_lines=False)
+    assert [t.region.index for t in whole] == [t.region.index for t in tasks]
+    assert whole[0].image is not None and whole[0].image.shape[:2] == (h // 3, w)
+    assert [ln.bbox for ln in whole[1].lines] == [ln.bbox for ln in tasks[1].lines]
+    assert all(ln.image is None for t in whole for ln in t.lines)
+
+
+def test_region_text_joins_a_row_with_spaces_and_rows_with_newlines() -> None:
+    def crop(row: int) -> LineCrop:
+        return LineCrop(bbox=(0.0, 0.0, 1.0, 1.0), row=row)
+    lines = [crop(0), crop(0), crop(1), crop(2)]
+    assert region_text(lines, ["Name:", "Ada", "  ", "Lovelace "]) == "Name: Ada\nLovelace"
+    assert text_confidence([("abc", 1.0), ("a", 0.2), ("", 0.0)]) == pytest.approx(0.8)
+    assert text_confidence([("", 0.9)]) is None
 
 
 @pytest.fixture(scope="module")
@@ -73,67 +124,60 @@ def recognizer() -> RapidOCRRecognizer:
     return RapidOCRRecognizer(RecognizeConfig(threads=2))
 
 
-def test_rapidocr_reads_the_linn_columns(recognizer: RapidOCRRecognizer,
-                                         corpus_dir: Path) -> None:
-    """Recognition alone, on hand-cut halves of the page, reads what linn.txt says."""
-    image = cv2.imread(str(corpus_dir / "pages" / "linn.png"))
-    h, w = image.shape[:2]
-    assert isinstance(recognizer, Recognizer)
-    tasks = [RegionTask(ref=PageRef("linn", 1), region=_region(i, box), image=image[y0:y1, x0:x1])
-             for i, box in enumerate([(0, 0, w, h // 3), (0, h // 3, w // 2, 2 * h // 3),
-                                      (w // 2, h // 3, w, 2 * h // 3), (0, 2 * h // 3, w, h)])
-             for x0, y0, x1, y1 in [tuple(int(v) for v in box)]]
+def test_rapidocr_reads_the_linn_lines(recognizer: RapidOCRRecognizer, corpus_dir: Path,
+                                       linn_page: DecodedPage) -> None:
+    """Every line of the page read once, with its box and score, reads what linn.txt says."""
+    assert isinstance(recognizer, Recognizer) and recognizer.reads_lines
+    tasks = _linn_tasks(linn_page)
     results = recognizer.recognize(tasks)
     assert all(r.error is None for r in results)
     text = "\n".join(r.text or "" for r in results)
     expected = (corpus_dir / "pages" / "linn.txt").read_text(encoding="utf-8")
-    assert word_f1(text, expected) >= 0.9
+    assert word_f1(text, expected) >= 0.95
     assert results[0].stats["model"].startswith("rapidocr")
+    for task, result in zip(tasks, results, strict=True):
+        assert [ln.bbox for ln in result.lines] == [ln.bbox for ln in task.lines]
+        assert all(ln.score is not None and 0.0 <= ln.score <= 1.0 for ln in result.lines)
+        assert result.confidence is not None and 0.5 <= result.confidence <= 1.0
+        assert all(ln.low_confidence == (ln.score is not None and ln.score < 0.5)
+                   for ln in result.lines)
+
+
+def test_low_confidence_lines_are_kept_and_flagged(linn_page: DecodedPage) -> None:
+    """Nothing read is dropped: with the bar above every score, every line is flagged and
+    the region's text is still all there."""
+    strict = RapidOCRRecognizer(RecognizeConfig(min_line_score=1.0))
+    task = _linn_tasks(linn_page)[0]
+    [result] = strict.recognize([task])
+    assert result.lines and all(ln.low_confidence for ln in result.lines)
+    assert result.text and "LinnSequencer" in result.text
 
 
 def test_a_failing_region_is_an_error_result_not_a_crash(recognizer: RapidOCRRecognizer) -> None:
-    bad = RegionTask(ref=PageRef("x", 1), region=_region(0, (0, 0, 1, 1)),
-                     image=np.zeros((0, 0, 3), np.uint8))
-    good = RegionTask(ref=PageRef("x", 1), region=_region(1, (0, 0, 10, 10)),
-                      image=np.full((100, 100, 3), 255, np.uint8))
-    out = recognizer.recognize([bad, good])
-    assert out[0].text is None and out[0].error
-    assert out[1].error is None and out[1].text == ""
+    bad = RegionTask(ref=PageRef("x", 1), region=_region(0, (0, 0, 1, 1)), image=None,
+                     lines=[LineCrop((0, 0, 1, 1), image=None)])
+    blank = RegionTask(ref=PageRef("x", 1), region=_region(1, (0, 0, 10, 10)), image=None,
+                       lines=[LineCrop((0, 0, 100, 30), np.full((30, 100, 3), 255, np.uint8))])
+    out = recognizer.recognize([bad, blank])
+    assert out[0].text is None and out[0].error and "without its pixels" in out[0].error
+    assert out[1].error is None and out[1].text is not None and len(out[1].lines) == 1
 
 
-def _linn_tasks(corpus_dir: Path, page: int = 1) -> list[RegionTask]:
-    """linn.png cut into a heading band, two column blocks and a one-line strip."""
-    image = cv2.imread(str(corpus_dir / "pages" / "linn.png"))
-    h, w = image.shape[:2]
-    boxes = [(0, 0, w, h // 3), (0, h // 3, w // 2, 2 * h // 3), (w // 2, h // 3, w, 2 * h // 3),
-             (0, 2 * h // 3, w, h)]
-    tasks = [RegionTask(ref=PageRef("linn", page), region=_region(i, box),
-                        image=image[box[1]:box[3], box[0]:box[2]])
-             for i, box in enumerate(boxes)]
-    # a crop no taller than one line goes to recognition only
-    line = image[h // 3 + 40 : h // 3 + 90, 0 : w // 2]
-    tasks.append(RegionTask(ref=PageRef("linn", page), region=_region(len(boxes), (0, 0, 1, 1)),
-                            image=line))
-    return tasks
-
-
-def test_pooled_recognition_reads_what_the_inline_path_reads(corpus_dir: Path) -> None:
-    """submit() spreads detections and lines over the pool; the text is the same."""
+def test_pooled_recognition_reads_what_the_inline_path_reads(linn_page: DecodedPage) -> None:
+    """submit() spreads the lines over the pool; the text is the same."""
     rec = RapidOCRRecognizer(RecognizeConfig(workers=2))
     try:
-        pages = [_linn_tasks(corpus_dir, page) for page in (1, 2, 3)]
+        pages = [_linn_tasks(linn_page, number) for number in (1, 2, 3)]
         inline = [[r.text for r in rec.recognize(tasks)] for tasks in pages]
         futures = [rec.submit(tasks) for tasks in pages]
         pooled = [[r.text for r in f.result(timeout=300)] for f in futures]
     finally:
         rec.close()
     assert pooled == inline
-    assert inline[0][4] and inline[0][4] in inline[0][1]  # the strip is a line of column 1
-    expected = (corpus_dir / "pages" / "linn.txt").read_text(encoding="utf-8")
-    assert word_f1("\n".join(t or "" for t in pooled[2][:4]), expected) >= 0.9
+    assert all(text for text in inline[0])
 
 
-def test_pool_reads_the_lines_of_one_region_on_every_worker(corpus_dir: Path,
+def test_pool_reads_the_lines_of_one_region_on_every_worker(linn_page: DecodedPage,
                                                             monkeypatch: pytest.MonkeyPatch
                                                             ) -> None:
     """One big region alone still keeps both workers busy: lines are separate jobs."""
@@ -141,13 +185,13 @@ def test_pool_reads_the_lines_of_one_region_on_every_worker(corpus_dir: Path,
     threads: set[str] = set()
     read = rec._read
 
-    def recording_read(image: np.ndarray, *, whole_crop: bool = False) -> tuple[str, float]:
+    def recording_read(image: np.ndarray | None) -> tuple[str, float]:
         threads.add(threading.current_thread().name)
-        return read(image, whole_crop=whole_crop)
+        return read(image)
 
     monkeypatch.setattr(rec, "_read", recording_read)
     try:
-        [block] = rec.submit(_linn_tasks(corpus_dir)[:1]).result(timeout=300)
+        [block] = rec.submit(_linn_tasks(linn_page)[1:2]).result(timeout=300)
     finally:
         rec.close()
     assert block.error is None and block.text and block.text.count("\n") >= 5
@@ -155,18 +199,17 @@ def test_pool_reads_the_lines_of_one_region_on_every_worker(corpus_dir: Path,
 
 
 def test_pool_failures_stay_in_their_region_and_close_fails_what_is_left(
-        corpus_dir: Path) -> None:
+        linn_page: DecodedPage) -> None:
     rec = RapidOCRRecognizer(RecognizeConfig(workers=1))
-    bad = RegionTask(ref=PageRef("x", 1), region=_region(0, (0, 0, 1, 1)),
-                     image=np.zeros((0, 0, 3), np.uint8))
-    blank = RegionTask(ref=PageRef("x", 1), region=_region(1, (0, 0, 10, 10)),
-                       image=np.full((100, 100, 3), 255, np.uint8))
-    out = rec.submit([bad, blank]).result(timeout=60)
+    bad = RegionTask(ref=PageRef("x", 1), region=_region(0, (0, 0, 1, 1)), image=None,
+                     lines=[LineCrop((0, 0, 1, 1), image=None)])
+    empty = RegionTask(ref=PageRef("x", 1), region=_region(1, (0, 0, 10, 10)), image=None)
+    out = rec.submit([bad, empty]).result(timeout=60)
     assert out[0].text is None and out[0].error
-    assert out[1].error is None and out[1].text == ""
+    assert out[1].error is None and out[1].text == "" and out[1].lines == []
     assert rec.submit([]).result(timeout=1) == []
     # one worker, many pages queued: closing must fail the unfinished ones, not hang them
-    futures = [rec.submit(_linn_tasks(corpus_dir, page)) for page in range(6)]
+    futures = [rec.submit(_linn_tasks(linn_page, number)) for number in range(6)]
     rec.close()
     outcomes = []
     for future in futures:
@@ -177,25 +220,32 @@ def test_pool_failures_stay_in_their_region_and_close_fails_what_is_left(
             outcomes.append("failed")
     assert outcomes[-1] == "failed"
     with pytest.raises(RecognitionError):
-        rec.submit([blank]).result(timeout=60)
+        rec.submit([bad]).result(timeout=60)
 
 
-def test_bf16_recognition_reads_linn_as_fp32_does(corpus_dir: Path) -> None:
-    """precision auto picks BF16 exactly where the CPU computes it natively; BF16 reads
-    the page as well as fp32 (this box: AVX512-BF16, so the BF16 branch runs here)."""
-    tasks = _linn_tasks(corpus_dir)
+def test_without_native_bf16_auto_is_fp32_and_bf16_is_refused() -> None:
+    if cpu_has_native_bf16():
+        pytest.skip("this CPU computes BF16 natively: auto is bf16 here (tested below)")
+    assert RapidOCRRecognizer(RecognizeConfig(precision="auto")).precision == "fp32"
+    with pytest.raises(ConfigError, match="native BF16"):
+        RapidOCRRecognizer(RecognizeConfig(precision="bf16"))
+
+
+def test_bf16_recognition_reads_linn_as_fp32_does(corpus_dir: Path,
+                                                  linn_page: DecodedPage) -> None:
+    """precision auto picks BF16 where the CPU computes it natively; BF16 reads the page
+    as well as fp32."""
     fp32 = RapidOCRRecognizer(RecognizeConfig(precision="fp32"))
     assert fp32.precision == "fp32" and fp32.model.endswith(":rec-fp32")
     if not cpu_has_native_bf16():
-        assert RapidOCRRecognizer(RecognizeConfig(precision="auto")).precision == "fp32"
-        with pytest.raises(ConfigError, match="native BF16"):
-            RapidOCRRecognizer(RecognizeConfig(precision="bf16"))
-        return
+        pytest.skip("no native BF16 on this CPU: the BF16 recogniser cannot be built here "
+                    "(its refusal is tested above)")
+    tasks = _linn_tasks(linn_page)
     bf16 = RapidOCRRecognizer(RecognizeConfig())  # the default, auto
     assert bf16.precision == "bf16" and bf16.model.endswith(":rec-bf16")
     try:
-        read_fp32 = "\n".join(r.text or "" for r in fp32.recognize(tasks[:4]))
-        results = bf16.submit(tasks[:4]).result(timeout=300)
+        read_fp32 = "\n".join(r.text or "" for r in fp32.recognize(tasks))
+        results = bf16.submit(tasks).result(timeout=300)
     finally:
         bf16.close()
     assert all(r.error is None for r in results)
@@ -209,7 +259,8 @@ def test_bf16_line_inputs_are_padded_to_the_width_bucket() -> None:
     if not cpu_has_native_bf16():
         pytest.skip("no native BF16 on this CPU: the BF16 session is never built here "
                     "(the refusal is tested above)")
-    session = _OpenVINOBF16Session(_rapidocr_models() / REC_MODEL, threads=1, width_bucket=32)
+    session = OpenVINOSession(_rapidocr_models() / REC_MODEL, threads=1, precision="bf16",
+                              width_bucket=32)
     rng = np.random.default_rng(0)
     steps = {w: session(rng.standard_normal((1, 3, 48, w)).astype(np.float32)).shape[1]
              for w in (321, 352, 353)}
@@ -219,9 +270,10 @@ def test_bf16_line_inputs_are_padded_to_the_width_bucket() -> None:
 _FIRST_CALLS_RACE = """
 import sys, threading
 import numpy as np
-from orchestrator.recognize import REC_MODEL, _OpenVINOBF16Session, _rapidocr_models
+from orchestrator.recognize import REC_MODEL, OpenVINOSession, _rapidocr_models
 
-session = _OpenVINOBF16Session(_rapidocr_models() / REC_MODEL, threads=1, width_bucket=32)
+session = OpenVINOSession(_rapidocr_models() / REC_MODEL, threads=1, precision="bf16",
+                          width_bucket=32)
 threads = int(sys.argv[1])
 ready = threading.Barrier(threads)
 

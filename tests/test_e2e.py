@@ -153,11 +153,18 @@ def test_exports_and_show(corpus_run: tuple[Path, subprocess.CompletedProcess[st
 def test_rerun_resumes_without_duplicates(corpus_run: tuple[Path, subprocess.CompletedProcess[str]],
                                           corpus_dir: Path) -> None:
     db, _ = corpus_run
-    before = page_rows(db)
+
+    def counts() -> tuple[int, int]:
+        with sqlite3.connect(db) as conn:
+            return (conn.execute("SELECT COUNT(*) FROM regions").fetchone()[0],
+                    conn.execute("SELECT COUNT(*) FROM lines").fetchone()[0])
+
+    before, stored = page_rows(db), counts()
+    assert stored[1] > 500  # the corpus's text lines are stored
     proc = folio("run", corpus_dir / "pages", "--db", db, "--no-progress", "--json", check=0)
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["pages"] == 0 and summary["resumed"] == len(before)
-    assert page_rows(db) == before
+    assert page_rows(db) == before and counts() == stored
 
 
 def _bad_inputs(root: Path, corpus_dir: Path) -> Path:

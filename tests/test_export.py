@@ -13,10 +13,20 @@ from PIL import Image
 
 from orchestrator.config import SinkConfig, SourceConfig
 from orchestrator.errors import SinkError, SourceError
-from orchestrator.export import compact, export_jsonl, export_markdown, page_markdown
+from orchestrator.export import compact, export_jsonl, export_markdown
+from orchestrator.markdown import join_lines, page_markdown, paragraphs
 from orchestrator.show import render_page, resolve_page
 from orchestrator.sink import SQLiteSink
-from orchestrator.types import PageOutcome, PageRef, RecognitionResult, Region, Task
+from orchestrator.types import (
+    LineText,
+    Origin,
+    PageOutcome,
+    PageRef,
+    RecognitionResult,
+    Region,
+    Task,
+    TextFormat,
+)
 
 
 @pytest.fixture
@@ -24,20 +34,32 @@ def corpus(corpus_dir: Path) -> Path:
     return corpus_dir
 
 
-def R(index: int, label: str, task: Task, text: str | None, **stats: object):
-    region = Region(index, label, task, 0.87654, (10.0 + index, 20.0, 110.5, 60.25))
-    result = None if text is None else RecognitionResult(text=text, stats=dict(stats))
+def R(index: int, label: str, task: Task, text: str | None, lines: list[LineText] | None = None,
+      fmt: TextFormat = TextFormat.PLAIN, origin: Origin = Origin.LAYOUT, **stats: object):
+    region = Region(index, label, task, 0.87654, (10.0 + index, 20.0, 110.5, 60.25),
+                    origin=origin)
+    result = None if text is None else RecognitionResult(
+        text=text, stats=dict(stats), lines=lines or [], text_format=fmt,
+        confidence=0.9 if lines else None)
     return region, result
 
 
+def L(text: str | None, score: float | None = 0.99, low: bool = False) -> LineText:
+    return LineText(bbox=(12.0, 21.0, 100.0, 30.5), text=text, score=score, low_confidence=low)
+
+
 PAGE_REGIONS = [
-    R(0, "title", Task.TEXT, "A  Title\n"),
+    R(0, "title", Task.TEXT, "A  Title\n", [L("A  Title")]),
     R(1, "text", Task.TEXT, "First paragraph.", model="glm", prompt_tokens=5, ttft_s=0.1),
-    R(2, "table", Task.TABLE, "| a | b |\n|---|---|\n| 1 | 2 |"),
+    R(2, "table", Task.TABLE, "<table><tr><td>1</td></tr></table>", fmt=TextFormat.HTML),
     R(3, "figure", Task.SKIP, None),
-    R(4, "equation", Task.FORMULA, "E = mc^2"),
-    R(5, "equation", Task.FORMULA, "$$x^2$$"),
+    R(4, "equation", Task.FORMULA, "E = mc^2", fmt=TextFormat.LATEX),
+    R(5, "equation", Task.FORMULA, "$$x^2$$", fmt=TextFormat.LATEX),
     R(6, "text", Task.TEXT, None),
+    R(7, "header", Task.TEXT, "Running head", [L("Running head")]),
+    R(8, "text", Task.TEXT, "Kept outside\nevery box",
+      [L("Kept outside"), L("every box", 0.3, True)], origin=Origin.LINES),
+    R(9, "table", Task.TABLE, "a b\n1 2", [L("a b"), L("1 2")]),
 ]
 
 
@@ -59,12 +81,32 @@ def _db(tmp_path: Path, sources: dict[str, int]) -> Path:
 
 
 def test_page_markdown() -> None:
-    md = page_markdown(PAGE_REGIONS, page=3)
+    md = page_markdown(PAGE_REGIONS)
     assert md == (
-        "## A Title\n\nFirst paragraph.\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n"
-        "![figure](page-3-region-3)\n\n$$\nE = mc^2\n$$\n\n$$x^2$$\n"
+        "## A Title\n\nFirst paragraph.\n\n<table><tr><td>1</td></tr></table>\n\n"
+        "*[figure]*\n\n$$\nE = mc^2\n$$\n\n$$x^2$$\n\nKept outside every box\n\n"
+        "<!-- table region, read as plain text -->\n```text\na b\n1 2\n```\n"
     )
+    assert "Running head" not in md  # furniture: stored, left out of Markdown by default
+    with_furniture = page_markdown(PAGE_REGIONS, include_furniture=True)
+    assert "Running head\n\nKept outside" in with_furniture
+    linked = page_markdown(PAGE_REGIONS, figure_link=lambda r: f"figures/r{r.index}.png")
+    assert "![figure](figures/r3.png)" in linked and "*[figure]*" not in linked
     assert page_markdown([]) == ""
+
+
+def test_paragraphs_join_lines_mend_hyphens_and_make_lists() -> None:
+    assert join_lines(["The recog-", "niser reads", "  whole lines."]) == (
+        "The recogniser reads whole lines.")
+    # a hyphen before a capital or a number is kept (a compound, a range)
+    assert join_lines(["pre-", "Columbian 1990-", "2000"]) == "pre- Columbian 1990- 2000"
+    text = ("It offers:\n• one\ncontinued here\n- two\n1. first\n2) second\n(a) lettered\n"
+            "(818) 708-8131 is a phone number\n1984. A year, not an item")
+    assert paragraphs(text) == [
+        "It offers:",
+        "- one continued here\n- two\n1. first\n2. second\n- (a) lettered "
+        "(818) 708-8131 is a phone number 1984. A year, not an item",
+    ]
 
 
 def test_export_jsonl(tmp_path: Path) -> None:
@@ -76,25 +118,51 @@ def test_export_jsonl(tmp_path: Path) -> None:
         ("/a/scan.png", 1), ("/b/doc.pdf", 1), ("/b/doc.pdf", 2), ("/z/broken.pdf", 1)
     ]
     first = lines[0]
+    assert first["schema_version"] == 2
     keys = {"source", "page", "width", "height", "status", "error", "regions", "markdown"}
     assert keys <= set(first)
     assert (first["width"], first["height"]) == (850, 1100)
     assert (first["status"], first["error"]) == ("ok", None)
     assert first["timings"] == {"read_s": 0.5}
     regions = first["regions"]
-    assert [r["index"] for r in regions] == list(range(7))
+    assert [r["index"] for r in regions] == list(range(len(PAGE_REGIONS)))
     assert regions[1] == {
-        "index": 1, "label": "text", "task": "text", "bbox": [11.0, 20.0, 110.5, 60.25],
-        "score": 0.8765, "text": "First paragraph.", "model": "glm", "prompt_tokens": 5,
-        "ttft_s": 0.1,
+        "index": 1, "label": "text", "task": "text", "origin": "layout",
+        "bbox": [11.0, 20.0, 110.5, 60.25], "score": 0.8765, "text": "First paragraph.",
+        "text_format": "plain", "confidence": None, "lines": [], "model": "glm",
+        "prompt_tokens": 5, "ttft_s": 0.1,
     }
+    assert regions[2]["text_format"] == "html"
     assert regions[3]["text"] is None and regions[3]["task"] == "skip"
-    assert first["markdown"] == page_markdown(PAGE_REGIONS, page=1)
+    assert regions[3]["text_format"] is None
+    block = regions[8]
+    assert block["origin"] == "lines" and block["confidence"] == 0.9
+    assert block["lines"] == [
+        {"bbox": [12.0, 21.0, 100.0, 30.5], "text": "Kept outside", "score": 0.99},
+        {"bbox": [12.0, 21.0, 100.0, 30.5], "text": "every box", "score": 0.3,
+         "low_confidence": True},
+    ]
+    assert regions[7]["label"] == "header" and regions[7]["text"] == "Running head"
+    assert first["markdown"] == page_markdown(PAGE_REGIONS)
     broken = lines[-1]
     assert broken["status"] == "error" and broken["error"] == "cannot open PDF: x"
     assert broken["regions"] == [] and broken["markdown"] == ""
     # export runs ANALYZE first
     assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM sqlite_stat1").fetchone()[0] > 0
+
+
+def test_export_markdown_per_document_in_page_order(tmp_path: Path) -> None:
+    db = _db(tmp_path, {"/x/doc.pdf": 3, "/y/scan.png": 1})
+    out = tmp_path / "md"
+    assert export_markdown(db, out, per="document") == 3
+    assert sorted(p.name for p in out.iterdir()) == ["broken.md", "doc.md", "scan.md"]
+    doc = (out / "doc.md").read_text(encoding="utf-8")
+    marks = [doc.index(f"<!-- page {n} -->") for n in (1, 2, 3)]
+    assert marks == sorted(marks) and doc.count("## A Title") == 3
+    assert "Running head" not in doc
+    with_furniture = tmp_path / "md2"
+    export_markdown(db, with_furniture, per="document", include_furniture=True)
+    assert (with_furniture / "doc.md").read_text(encoding="utf-8").count("Running head") == 3
 
 
 def test_export_markdown_names_are_safe_and_unique(tmp_path: Path) -> None:
@@ -116,7 +184,8 @@ def test_compact(tmp_path: Path) -> None:
     assert compact(db, out) == out.stat().st_size > 0
     conn = sqlite3.connect(out)
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    assert conn.execute("SELECT COUNT(*) FROM regions").fetchone()[0] == 21
+    assert conn.execute("SELECT COUNT(*) FROM regions").fetchone()[0] == 3 * len(PAGE_REGIONS)
+    assert conn.execute("SELECT COUNT(*) FROM lines").fetchone()[0] == 3 * 6
     with pytest.raises(SinkError, match="exists"):
         compact(db, out)
     with pytest.raises(SinkError, match="not found"):

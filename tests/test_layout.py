@@ -18,7 +18,8 @@ import onnxruntime as ort
 import pytest
 from layout_fixtures import LAYOUT_WHEEL, PAGES, load_bgr, model_input
 
-from orchestrator.config import LayoutConfig
+from orchestrator.config import LayoutConfig, LinesConfig
+from orchestrator.coverage import cover_page
 from orchestrator.errors import LayoutError, ModelArtifactError
 from orchestrator.layout import LayoutModel, layout_result, resolve_precision
 from orchestrator.models import (
@@ -334,11 +335,17 @@ def test_layout_result_applies_label_tasks() -> None:
     cfg = LayoutConfig(label_tasks={**LayoutConfig().label_tasks, "figure": "abandon"})
     result = layout_result(det, labels, cfg, width=100, height=200)
     assert (result.width, result.height) == (100, 200)
-    assert [r.label for r in result.regions] == ["text", "table", "equation", "mystery"]
-    assert [r.index for r in result.regions] == [0, 1, 2, 3]
-    assert [r.task for r in result.regions] == [Task.TEXT, Task.TABLE, Task.FORMULA, Task.TEXT]
-    assert result.regions[1].bbox == (1.0, 1.0, 9.0, 9.0)
+    assert [r.label for r in result.regions] == list(labels)
+    assert [r.index for r in result.regions] == list(range(6))
+    # headers are read by default; abandoned regions stay until coverage drops them
+    assert [r.task for r in result.regions] == [Task.TEXT, Task.TEXT, Task.TABLE, Task.ABANDON,
+                                                Task.FORMULA, Task.TEXT]
+    assert result.regions[2].bbox == (1.0, 1.0, 9.0, 9.0)
     assert isinstance(result.regions[0].score, float)
+    covered = cover_page(result, None, LinesConfig(), cfg)
+    assert [r.label for r in covered.regions] == ["text", "header", "table", "equation",
+                                                  "mystery"]
+    assert [r.index for r in covered.regions] == list(range(5))
 
 
 def test_layout_model_checks_its_input(fp32_model: LayoutModel) -> None:

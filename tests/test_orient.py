@@ -8,10 +8,17 @@ import cv2
 import numpy as np
 import pytest
 
-from orchestrator.config import DecodeConfig, SourceConfig
+from orchestrator.config import DecodeConfig, LinesConfig, SourceConfig
 from orchestrator.decode import Decoder
 from orchestrator.orient import OrientationDetector, rotate_clockwise
-from orchestrator.types import EncodedPage, PageRef
+from orchestrator.textlines import LineDetector
+from orchestrator.types import EncodedPage, PageRef, UInt8Array
+
+_LINES = LineDetector(LinesConfig())
+
+
+def _verdict(detector: OrientationDetector, page: UInt8Array) -> int:
+    return detector.detect(page, _LINES.detect(page))
 
 
 @pytest.fixture(scope="module", params=["auto", "fp32"])
@@ -26,11 +33,11 @@ def test_detects_how_far_a_page_is_turned(detector: OrientationDetector, corpus_
                                           name: str, turned: int) -> None:
     upright = cv2.imread(str(corpus_dir / "pages" / name))
     page = rotate_clockwise(upright, turned)
-    assert (detector.detect(page) + turned) % 360 == 0
+    assert (_verdict(detector, page) + turned) % 360 == 0
 
 
 def test_a_page_without_text_is_left_alone(detector: OrientationDetector) -> None:
-    assert detector.detect(np.full((1100, 850, 3), 255, np.uint8)) == 0
+    assert _verdict(detector, np.full((1100, 850, 3), 255, np.uint8)) == 0
 
 
 def test_decoder_turns_pages_upright_and_says_so(corpus_dir: Path) -> None:
@@ -44,6 +51,11 @@ def test_decoder_turns_pages_upright_and_says_so(corpus_dir: Path) -> None:
     reference, = decoder.decode([EncodedPage(ref=PageRef("u", 1), pixels=upright)])
     assert not isinstance(reference, Exception) and reference.rotation == 0
     assert np.allclose(out.model_input, reference.model_input)
+    # The lines of the turned page are those of the upright page (found on it, not turned
+    # from the sideways page's boxes, which split its 17 lines into 30).
+    assert out.lines is not None and reference.lines is not None
+    assert len(out.lines) == len(reference.lines) > 10
+    assert np.array_equal(out.lines.boxes, reference.lines.boxes)
     off = Decoder(DecodeConfig(device="cpu", orient=False), SourceConfig())
     unturned, = off.decode([EncodedPage(ref=PageRef("t", 1), pixels=sideways)])
     assert not isinstance(unturned, Exception) and unturned.rotation == 0
@@ -62,8 +74,8 @@ def test_the_turned_reading_is_skipped_when_the_page_reads_well_as_it_stands(
 
     detector._score = counted  # type: ignore[method-assign]
     upright = cv2.imread(str(corpus_dir / "pages" / "typewriter.png"))
-    assert detector.detect(upright) == 0
+    assert _verdict(detector, upright) == 0
     assert reads == [3]  # the three probe lines, as they stand only
     reads.clear()
-    assert detector.detect(rotate_clockwise(upright, 180)) == 180
+    assert _verdict(detector, rotate_clockwise(upright, 180)) == 180
     assert reads == [3, 3]  # read poorly as they stand: read turned too

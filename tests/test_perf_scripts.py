@@ -54,13 +54,20 @@ def test_bench_pipeline_runs_every_mode_on_the_same_pages(corpus_dir: Path) -> N
     assert len(_ratios(out)) == 3
 
 
-def test_bench_recognize_compares_precisions_and_margins(corpus_dir: Path) -> None:
-    out = _run("bench_recognize.py", "--precisions", "fp32,fp32", "--margins", "4",
+def test_bench_recognize_compares_precisions(corpus_dir: Path) -> None:
+    out = _run("bench_recognize.py", "--precisions", "fp32,fp32",
                str(corpus_dir / "pages" / "linn.png"))
     assert len(re.findall(r"^precision fp32 +recognition CPU", out, re.M)) == 2, out
     # the same precision twice reads the same text: the comparison itself is checked
     assert "fp32 vs fp32: word F1 1.0000, 0 line pairs differ" in out, out
-    assert re.search(r"^crop.margin_px +4: \d+ of \d+ text lines touch", out, re.M), out
+
+
+def test_bench_accuracy_scores_folio_and_the_whole_page_baseline() -> None:
+    out = _run("bench_accuracy.py", "--limit", "1")
+    assert re.search(r"^form_210966-p01.png +[01]\.\d{4} +[01]\.\d{3} +[01]\.\d{4}", out,
+                     re.M), out
+    assert re.search(r"^forms +1 +[01]\.\d{4} +[01]\.\d{4}", out, re.M), out
+    assert len(_ratios(out)) == 1, out
 
 
 def test_bench_orient_compares_the_probes_on_the_same_verdicts(corpus_dir: Path) -> None:

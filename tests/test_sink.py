@@ -18,7 +18,15 @@ import pytest
 from orchestrator.config import SinkConfig
 from orchestrator.errors import SinkError
 from orchestrator.sink import SQLiteSink, run_stats
-from orchestrator.types import PageOutcome, PageRef, RecognitionResult, Region, Task
+from orchestrator.types import (
+    LineText,
+    Origin,
+    PageOutcome,
+    PageRef,
+    RecognitionResult,
+    Region,
+    Task,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,7 +81,7 @@ def test_schema_and_pragmas(tmp_path: Path) -> None:
     conn = sqlite3.connect(db)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert {"runs", "documents", "pages", "regions"} <= tables
+    assert {"runs", "documents", "pages", "regions", "lines"} <= tables
     assert [r[0] for r in conn.execute("SELECT source FROM documents ORDER BY id")] == ["/a", "/b"]
     config, manifest = conn.execute(
         "SELECT config, manifest FROM runs WHERE id=?", (run_id,)
@@ -154,6 +162,78 @@ def test_region_columns(tmp_path: Path) -> None:
     ).fetchone()
     assert row == ("figure", "skip", 0.5, 1.0, 2.0, 3.0, 4.0, "[[1, 2], [3, 2], [3, 4]]", None,
                    "rejected", "glm", "length", 0.2, 0.01, None)
+
+
+def test_lines_are_stored_with_their_region_and_replaced_with_it(tmp_path: Path) -> None:
+    db = tmp_path / "out.db"
+
+    def page(tag: str, n_lines: int) -> PageOutcome:
+        region = Region(0, "text", Task.TEXT, 0.9, (0, 0, 50, 40), origin=Origin.LINES)
+        lines = [LineText((0, 10.0 * i, 50, 10.0 * i + 8), f"{tag}{i}", 0.2 + 0.2 * i,
+                          low_confidence=i == 0) for i in range(n_lines)]
+        result = RecognitionResult(text="\n".join(t.text or "" for t in lines), lines=lines,
+                                   confidence=0.5)
+        return PageOutcome(PageRef("/d", 1), "ok", None, 50, 40, [(region, result)],
+                           {"lines_s": 0.25})
+
+    with SQLiteSink(db, SinkConfig()) as sink:
+        sink.start_run({}, {}, ["/d"])
+        sink.write_batch([page("a", 3)])
+        assert sink.rows_written == 1 + 1 + 3
+        sink.write_batch([page("b", 2)])  # a re-run of the page replaces its lines
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT origin, confidence, text_format FROM regions").fetchone() == (
+        "lines", 0.5, "plain")
+    assert conn.execute("SELECT lines_s FROM pages").fetchone() == (0.25,)
+    assert conn.execute(
+        "SELECT region_idx, idx, y0, text, round(score, 2), low_confidence FROM lines "
+        "ORDER BY idx").fetchall() == [(0, 0, 0.0, "b0", 0.2, 1), (0, 1, 10.0, "b1", 0.4, 0)]
+
+
+def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
+    """A database written before text lines were stored keeps its pages and gains the lines
+    table and the new region fields; a resumed run goes on writing into it."""
+    db = tmp_path / "old.db"
+    v1 = sqlite3.connect(db)
+    v1.executescript(V1_SCHEMA)
+    v1.execute("INSERT INTO runs (started_at, config, manifest) VALUES ('t', '{}', '{}')")
+    v1.execute("INSERT INTO documents (source, run_id) VALUES ('/d', 1)")
+    v1.execute("INSERT INTO pages (document_id, page, run_id, status, written_at) "
+               "VALUES (1, 1, 1, 'ok', 't')")
+    v1.execute("INSERT INTO regions (page_id, idx, label, task, text) "
+               "VALUES (1, 0, 'text', 'text', 'old text')")
+    v1.commit()
+    v1.close()
+    with SQLiteSink(db, SinkConfig()) as sink:
+        assert sink.done_pages() == {PageRef("/d", 1)}
+        sink.start_run({}, {}, ["/d"])
+        sink.write_batch([outcome("/d", 2, 1)])
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert conn.execute("SELECT text, origin FROM regions ORDER BY page_id").fetchall() == [
+        ("old text", "layout"), ("p2r0", "layout")]
+    assert conn.execute("SELECT COUNT(*) FROM lines").fetchone()[0] == 0
+
+
+V1_SCHEMA = """
+CREATE TABLE runs (id INTEGER PRIMARY KEY, started_at TEXT NOT NULL, finished_at TEXT,
+    config TEXT NOT NULL, manifest TEXT NOT NULL, summary TEXT);
+CREATE TABLE documents (id INTEGER PRIMARY KEY, source TEXT NOT NULL UNIQUE,
+    run_id INTEGER REFERENCES runs(id));
+CREATE TABLE pages (id INTEGER PRIMARY KEY, document_id INTEGER NOT NULL REFERENCES documents(id),
+    page INTEGER NOT NULL, run_id INTEGER REFERENCES runs(id),
+    status TEXT NOT NULL CHECK (status IN ('ok', 'error')), error TEXT, width INTEGER,
+    height INTEGER, rotation INTEGER NOT NULL DEFAULT 0, read_s REAL, decode_s REAL,
+    layout_s REAL, crop_s REAL, recognize_s REAL, written_at TEXT NOT NULL,
+    UNIQUE (document_id, page));
+CREATE TABLE regions (page_id INTEGER NOT NULL REFERENCES pages(id) ON DELETE CASCADE,
+    idx INTEGER NOT NULL, label TEXT NOT NULL, task TEXT NOT NULL, score REAL,
+    x0 REAL, y0 REAL, x1 REAL, y1 REAL, polygon TEXT, text TEXT, error TEXT, model TEXT,
+    prompt_tokens INTEGER, completion_tokens INTEGER, finish_reason TEXT, latency_s REAL,
+    ttft_s REAL, tpot_s REAL, PRIMARY KEY (page_id, idx));
+CREATE INDEX pages_run ON pages(run_id, status);
+PRAGMA user_version = 1;
+"""
 
 
 def test_concurrent_submitters(tmp_path: Path) -> None:

@@ -289,6 +289,15 @@ def test_folio_run_with_the_vllm_recognizer(vllm_url: str, corpus_dir: Path, mod
     for row in rows:
         if row[0] not in ("text", "table", "formula"):
             assert row[1] is None and row[4] is None  # skipped regions are not sent
+    with sqlite3.connect(db) as conn:
+        # Blocks of lines outside every layout box and figures holding text are sent too.
+        sent = conn.execute("SELECT origin, label, text_format FROM regions "
+                            "WHERE task = 'text' AND text IS NOT NULL").fetchall()
+        lines = conn.execute("SELECT COUNT(*), COUNT(text), COUNT(score) FROM lines").fetchone()
+    assert {"layout", "lines"} <= {origin for origin, _, _ in sent}
+    assert {fmt for _, _, fmt in sent} == {"plain"}
+    # The VLM reads whole regions: the lines' boxes come from the page, without text.
+    assert lines[0] > 500 and lines[1:] == (0, 0)
 
 
 def test_serving_profiles_parse_with_vllm_and_match_the_sizing(vllm_url: str) -> None:

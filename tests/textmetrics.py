@@ -15,3 +15,12 @@ def word_f1(found: str, expected: str) -> float:
         return 0.0
     precision, recall = common / sum(a.values()), common / sum(b.values())
     return 2 * precision * recall / (precision + recall)
+
+
+def edit_distance(found: str, expected: str) -> float:
+    """Levenshtein distance between the whitespace-normalised texts, over the longer one's
+    length: 0 is identical, 1 nothing in common."""
+    from rapidfuzz.distance import Levenshtein
+
+    a, b = " ".join(found.split()), " ".join(expected.split())
+    return float(Levenshtein.normalized_distance(a, b))
