@@ -45,6 +45,10 @@ BF16_WIDTH_BUCKET_PX = 32
 # Labels that are headings: Markdown writes them as "## ", and reading order attaches a
 # narrow one to the block below it.
 DEFAULT_HEADING_LABELS = ("title", "doc_title", "paragraph_title", "section_title")
+# Page furniture (CDLA and PP-DocLayout names): read and stored, left out of Markdown
+# unless asked for, and read in its place from the top without shaping the columns.
+DEFAULT_FURNITURE_LABELS = ("header", "footer", "number", "page_number", "header_image",
+                            "footer_image")
 
 DEFAULT_LABEL_TASKS: dict[str, str] = {
     "text": "text",
@@ -150,6 +154,7 @@ class LayoutConfig:
     # them and stores the text with the figure; "skip" keeps the figure without text.
     figure_text: str = "read"
     heading_labels: tuple[str, ...] = DEFAULT_HEADING_LABELS
+    furniture_labels: tuple[str, ...] = DEFAULT_FURNITURE_LABELS
     # Reading order: a box narrower than this share of the page is a column candidate.
     column_max_width: float = 0.6
     # Reading order: boxes of neighbouring columns may overlap by this share of the page

@@ -166,7 +166,9 @@ def cover_page(layout: LayoutResult, lines: PageLines | None, cfg: LinesConfig,
     kept = np.flatnonzero(keep)
     boxes = np.array([regions[i].bbox for i in kept], dtype=np.float64).reshape(-1, 4)
     headings = np.array([regions[i].label in layout_cfg.heading_labels for i in kept], bool)
-    order = kept[reading_order(boxes, layout.width, layout_cfg, headings=headings)]
+    furniture = np.array([regions[i].label in layout_cfg.furniture_labels for i in kept], bool)
+    order = kept[reading_order(boxes, layout.width, layout_cfg, headings=headings,
+                               furniture=furniture)]
     new_index = np.full(len(regions), -1, dtype=np.int64)
     new_index[order] = np.arange(len(order))
     final = [dataclasses.replace(regions[i], index=k) for k, i in enumerate(order)]

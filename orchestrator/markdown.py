@@ -20,12 +20,10 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 
-from orchestrator.config import DEFAULT_HEADING_LABELS
+from orchestrator.config import DEFAULT_FURNITURE_LABELS, DEFAULT_HEADING_LABELS
 from orchestrator.types import RecognitionResult, Region, Task, TextFormat
 
-# Labels of page furniture (CDLA and PP-DocLayout names): stored, left out of Markdown.
-FURNITURE_LABELS = frozenset({"header", "footer", "number", "page_number", "header_image",
-                              "footer_image"})
+FURNITURE_LABELS = frozenset(DEFAULT_FURNITURE_LABELS)
 HEADING_LABELS = frozenset(DEFAULT_HEADING_LABELS)
 
 # A list item: a bullet glyph; a number of one or two digits with "." or ")" (so a year,

@@ -233,7 +233,8 @@ def suppress_contained(
 
 
 def reading_order(boxes: FloatArray, page_width: int, cfg: LayoutConfig,
-                  headings: npt.NDArray[np.bool_] | None = None) -> npt.NDArray[np.intp]:
+                  headings: npt.NDArray[np.bool_] | None = None,
+                  furniture: npt.NDArray[np.bool_] | None = None) -> npt.NDArray[np.intp]:
     """Permutation that puts boxes (x0, y0, x1, y1) in column-aware reading order.
 
     Boxes wider than ``cfg.column_max_width`` of the page are full-width blocks: sorted top
@@ -247,6 +248,10 @@ def reading_order(boxes: FloatArray, page_width: int, cfg: LayoutConfig,
     from the top, so it stays with the block below it even when its box starts across the
     gutter. A heading that no column holds half of (a title over two columns) is read as a
     full-width block.
+
+    ``furniture`` marks running headers, footers and page numbers: whatever their width,
+    they are read in their vertical place as full-width blocks, so a running header over
+    two columns does not merge them.
     """
     b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     n = b.shape[0]
@@ -254,6 +259,8 @@ def reading_order(boxes: FloatArray, page_width: int, cfg: LayoutConfig,
         return np.zeros(0, dtype=np.intp)
     width = float(max(page_width, 1))
     wide = (b[:, 2] - b[:, 0]) > cfg.column_max_width * width
+    if furniture is not None:
+        wide |= np.asarray(furniture, dtype=bool)
     placed = np.zeros(n, dtype=bool) if headings is None else np.asarray(headings) & ~wide
     primary, column = _bands_and_columns(b, wide, placed, width, cfg)
     if placed.any():

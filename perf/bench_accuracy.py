@@ -60,12 +60,15 @@ class Page:
     scores: dict[str, tuple[float, float]] = field(default_factory=dict)  # who -> (F1, ED)
 
 
-def render(out: Path, dpi: int, register_pages: int, limit: int | None) -> list[Page]:
+def render(out: Path, dpi: int, register_pages: int, limit: int | None,
+           sets: list[str]) -> list[Page]:
     """Every page of the accuracy documents as a PNG in ``out``, with its text layer."""
     import pypdfium2 as pdfium
 
     pages: list[Page] = []
     for set_name, files in SETS.items():
+        if sets and set_name not in sets:
+            continue
         for file in files:
             if file == "linn.png":
                 pages.append(Page(set_name, "linn.png", CORPUS_PAGES / "linn.png",
@@ -133,6 +136,7 @@ def main() -> None:
     parser.add_argument("--register-pages", type=int, default=3,
                         help="Federal Register pages to use (it has 15)")
     parser.add_argument("--limit", type=int, help="only the first N pages (smoke test)")
+    parser.add_argument("--sets", default="", help="comma-separated set names (default: all)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="folio config override, e.g. lines.side_px=1600")
     parser.add_argument("--json", type=Path, help="also write the figures here")
@@ -144,7 +148,11 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="folio-accuracy-") as tmp:
         work = Path(tmp)
-        pages = render(work, args.dpi, args.register_pages, args.limit)
+        sets = [name for name in args.sets.split(",") if name]
+        unknown = set(sets) - set(SETS)
+        if unknown:
+            parser.error(f"unknown sets {sorted(unknown)}; the sets are {list(SETS)}")
+        pages = render(work, args.dpi, args.register_pages, args.limit, sets)
         print(f"{len(pages)} pages at {args.dpi} dpi (linn.png as it is)")
         folio_rate = run_folio(pages, work, overrides)
         base_rate = run_baseline(pages)

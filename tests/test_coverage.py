@@ -127,3 +127,19 @@ def test_turned_lines_keep_their_corners_in_order(degrees: int) -> None:
     assert np.allclose(back.quads, lines.quads)
     q = turned.quads[0]
     assert q[0].sum() == q.sum(axis=1).min()  # starts at the top-left corner
+
+
+def test_a_running_header_over_two_columns_does_not_merge_them() -> None:
+    cfg = LayoutConfig()
+    boxes = np.array([
+        [350, 20, 820, 40],     # running header across the left and middle columns
+        [100, 100, 420, 500],   # left column, top
+        [100, 520, 420, 900],   # left column, bottom
+        [460, 100, 800, 480],   # middle column, top
+        [460, 500, 800, 900],   # middle column, bottom
+        [830, 100, 1180, 900],  # right column
+    ], np.float64)
+    # the header's box joins the left and middle columns into one, read across by height
+    assert reading_order(boxes, 1275, cfg).tolist() == [0, 1, 3, 4, 2, 5]
+    furniture = np.array([True] + [False] * 5)
+    assert reading_order(boxes, 1275, cfg, furniture=furniture).tolist() == [0, 1, 2, 3, 4, 5]
