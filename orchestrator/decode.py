@@ -38,6 +38,11 @@ def resolve_device(requested: str) -> str:
         return "cpu"
 
 
+# What DALI's image decoder reads, as PIL names the formats (MPO: a JPEG with extra
+# frames); anything else (GIF, ICO, PSD...) would fail inside DALI with an opaque message.
+DECODABLE_FORMATS = frozenset({"JPEG", "MPO", "PNG", "TIFF", "JPEG2000", "BMP", "PPM", "WEBP"})
+
+
 def check_encoded(data: bytes, max_pixels: int) -> tuple[int, int]:
     """Read the image header only; return (width, height) or raise a PageError."""
     if not data:
@@ -45,12 +50,18 @@ def check_encoded(data: bytes, max_pixels: int) -> tuple[int, int]:
     try:
         with Image.open(io.BytesIO(data)) as header:
             width, height = header.size
+            kind = str(header.format)
     except UnidentifiedImageError as exc:
         raise PageDecodeError(
             f"not a recognised image format ({len(data)} bytes, starts with {data[:8]!r})"
         ) from exc
     except (OSError, ValueError, SyntaxError) as exc:
         raise PageDecodeError(f"unreadable image header: {exc}") from exc
+    if kind not in DECODABLE_FORMATS:
+        raise PageDecodeError(
+            f"{kind} images are not supported (folio decodes JPEG, PNG, TIFF, JPEG 2000, BMP, "
+            "PNM and WebP); convert the file"
+        )
     if width * height > max_pixels:
         raise PixelLimitExceeded(
             f"image is {width} x {height} = {width * height:,} px, over the limit of "
@@ -59,13 +70,27 @@ def check_encoded(data: bytes, max_pixels: int) -> tuple[int, int]:
     return width, height
 
 
+_DALI_NOISE = ("Critical error", "Error in CPU operator", "Error in MIXED operator",
+               "which was used", "Current pipeline object")
+
+
 def _first_line(exc: Exception) -> str:
+    """The reason in a DALI error: the text after its "encountered:" line, never the
+    pipeline-definition stack frame (``File "...", line N`` and its code) it quotes."""
     text = str(exc).strip()
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith(("Critical error", "Error in CPU operator", "which was")):
+    _, found, reason = text.partition("encountered:")
+    frame = False
+    for raw in (reason if found else text).splitlines():
+        line = raw.strip()
+        if line.startswith('File "'):
+            frame = True  # the next line is that frame's source code
+            continue
+        if frame:
+            frame = False
+            continue
+        if line and not line.startswith(_DALI_NOISE):
             return line[:300]
-    return text.splitlines()[0][:300] if text else type(exc).__name__
+    return type(exc).__name__
 
 
 class Decoder:
