@@ -19,6 +19,10 @@ class SourceError(FolioError):
     """A source (file, folder, shard) cannot be opened or enumerated at all."""
 
 
+class NotAFolioDatabase(SourceError):
+    """A database given to read (export, show) is missing or not one folio wrote."""
+
+
 class PageError(FolioError):
     """One page failed; the run records it as an error row and goes on."""
 

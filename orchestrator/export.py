@@ -1,8 +1,8 @@
 """Export a folio database: JSONL (one object per page), Markdown (one file per page),
 or a compacted copy (``VACUUM INTO``).
 
-Pages come out ordered by source, then page number; regions in reading order. Every
-export runs ``ANALYZE`` first, so the planner has statistics for the joins.
+Pages come out ordered by source, then page number; regions in reading order. The
+database is opened read-only, so a finished one on read-only media exports too.
 
 Usage::
 
@@ -22,7 +22,6 @@ A JSONL line::
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import re
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import SinkError
-from orchestrator.sink import REGION_STATS, STAGE_TIMINGS, connect
+from orchestrator.sink import REGION_STATS, STAGE_TIMINGS, open_existing
 from orchestrator.types import RecognitionResult, Region, Task
 
 TITLE_LABELS = frozenset({"title", "doc_title", "paragraph_title", "section_title"})
@@ -108,16 +107,8 @@ def page_markdown(
 
 
 def _open(db: Path) -> sqlite3.Connection:
-    if not Path(db).is_file():
-        raise SinkError(f"database not found: {db}")
-    conn = connect(Path(db))
-    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    if not {"documents", "pages", "regions"} <= tables:
-        conn.close()
-        raise SinkError(f"{db} is not a folio database")
-    with contextlib.suppress(sqlite3.Error):  # read-only media: export without statistics
-        conn.execute("ANALYZE")
-    return conn
+    # Read-only: exporting never changes the database, and works from read-only media.
+    return open_existing(Path(db))
 
 
 def _region(row: Sequence[Any]) -> tuple[Region, RecognitionResult, dict[str, Any]]:
