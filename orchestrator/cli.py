@@ -277,6 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if not args.verbose:  # httpx logs every request at INFO: one line per region
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     handler = _COMMANDS.get(args.command) or getattr(args, "handler", None)
     if handler is None:
         parser.error(f"unknown command {args.command!r}")
