@@ -130,6 +130,9 @@ class TritonConfig:
     max_in_flight: int = 8
     timeout_s: float = 60.0
     retries: int = 5
+    # At start: nothing answering at ``url`` for this long is an error (a wrong address
+    # fails in seconds); a server that answers gets ready_wait_s to load the model.
+    connect_wait_s: float = 5.0
     ready_wait_s: float = 60.0
 
 
@@ -338,6 +341,7 @@ def validate(cfg: FolioConfig) -> None:
         (cfg.triton.timeout_s > 0, "triton.timeout_s must be > 0"),
         (cfg.triton.retries >= 0, "triton.retries must be >= 0"),
         (cfg.triton.ready_wait_s >= 0, "triton.ready_wait_s must be >= 0"),
+        (cfg.triton.connect_wait_s > 0, "triton.connect_wait_s must be > 0"),
         ((cfg.decode.input_height, cfg.decode.input_width)
          == (cfg.layout.input_height, cfg.layout.input_width),
          "decode.input_height/input_width must equal layout.input_height/input_width "

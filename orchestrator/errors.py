@@ -51,6 +51,11 @@ class LayoutServerUnavailable(LayoutError):
     """The Triton layout server could not be reached within the configured time."""
 
 
+class LayoutServerUnreachable(LayoutServerUnavailable, ConfigError):
+    """Nothing answers at the configured Triton address at start (a wrong --triton-url, or
+    no server started): a usage error, CLI exit code 2."""
+
+
 class RecognitionError(FolioError):
     """Recognition of a region failed."""
 

@@ -143,6 +143,10 @@ def server_environment(home: Path) -> dict[str, str]:
     env["LD_LIBRARY_PATH"] = os.pathsep.join(lib_dirs)
     venv_bin = str(Path(sys.executable).parent)
     env["PATH"] = os.pathsep.join([venv_bin, env.get("PATH", "")])
+    # The python models import the orchestrator package this process runs (the installed
+    # wheel, or a checkout), whichever folder the server starts in.
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     # One OpenMP/MKL pool per stub unless the caller says otherwise.
     env.setdefault("OMP_NUM_THREADS", "1")
     return env

@@ -67,9 +67,21 @@ def error_from_message(message: str) -> FolioError | None:
 
 
 def config_parameter(cfg: FolioConfig) -> str:
-    """The JSON that ``stage_config`` reads back: the sections the server steps use."""
+    """The JSON that ``stage_config`` reads back: the sections the server steps use.
+
+    ``layout.model_dir`` is left out: the layout step reads its artifact from its own
+    version folder, and a path of the building machine would tie the repository to it.
+    """
     data = cfg.to_dict()
+    data["layout"].pop("model_dir", None)
     return json.dumps({k: data[k] for k in ("sources", "decode", "layout")}, sort_keys=True)
+
+
+def is_client_error(exc: BaseException) -> bool:
+    """Whether a step's failure is the request's fault (bytes that are not an image, a
+    page over the pixel limit): Triton answers INVALID_ARG, not INTERNAL, so a client can
+    tell it from a server fault."""
+    return isinstance(exc, PageError)
 
 
 def stage_config(model_config: Mapping[str, Any]) -> FolioConfig:
