@@ -9,6 +9,7 @@ input and the full-resolution page kept for cropping (one decode per page).
 from __future__ import annotations
 
 import io
+import re
 import time
 from collections.abc import Sequence
 
@@ -74,10 +75,14 @@ _DALI_NOISE = ("Critical error", "Error in CPU operator", "Error in MIXED operat
                "which was used", "Current pipeline object")
 
 
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def _first_line(exc: Exception) -> str:
     """The reason in a DALI error: the text after its "encountered:" line, never the
-    pipeline-definition stack frame (``File "...", line N`` and its code) it quotes."""
-    text = str(exc).strip()
+    pipeline-definition stack frame (``File "...", line N`` and its code) it quotes, nor
+    the terminal colour codes of the decoder's log lines."""
+    text = _ANSI_ESCAPE.sub("", str(exc)).strip()
     _, found, reason = text.partition("encountered:")
     frame = False
     for raw in (reason if found else text).splitlines():
@@ -91,6 +96,22 @@ def _first_line(exc: Exception) -> str:
         if line and not line.startswith(_DALI_NOISE):
             return line[:300]
     return type(exc).__name__
+
+
+def decode_failure(data: bytes | None, exc: Exception) -> str:
+    """Why an image failed to decode, in words.
+
+    DALI's exception often says no more than "Failed to decode sample #0" (the codec's
+    own reason goes to its log), so the bytes are opened with PIL, which names the fault
+    ("image file is truncated (13 bytes not processed)"); DALI's line otherwise.
+    """
+    if data:
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()
+        except Exception as pil_exc:  # whatever PIL says is the reason we want
+            return _first_line(pil_exc)
+    return _first_line(exc)
 
 
 class Decoder:
@@ -160,7 +181,7 @@ class Decoder:
         page: EncodedPage, out: PreprocessedPage | Exception, decode_s: float
     ) -> DecodedPage | PageError:
         if isinstance(out, Exception):
-            return PageDecodeError(f"cannot decode image: {_first_line(out)}")
+            return PageDecodeError(f"cannot decode image: {decode_failure(page.data, out)}")
         assert out.image is not None  # keep_full=True
         return DecodedPage(
             ref=page.ref,

@@ -124,7 +124,7 @@ class PreprocessStage:
     def __call__(
         self, items: Sequence[npt.NDArray[np.uint8]]
     ) -> list[tuple[npt.NDArray[np.float32], npt.NDArray[np.int32]] | PageError]:
-        from orchestrator.decode import _first_line, check_encoded
+        from orchestrator.decode import check_encoded, decode_failure
 
         results: list[tuple[npt.NDArray[np.float32], npt.NDArray[np.int32]] | PageError | None]
         results = [None] * len(items)
@@ -142,7 +142,9 @@ class PreprocessStage:
             outputs = self._pre.run([np.ascontiguousarray(items[i]) for i in chunk])
             for i, out in zip(chunk, outputs, strict=True):
                 if isinstance(out, Exception):
-                    results[i] = PageDecodeError(f"cannot decode image: {_first_line(out)}")
+                    data = np.ascontiguousarray(items[i], dtype=np.uint8).tobytes()
+                    results[i] = PageDecodeError(
+                        f"cannot decode image: {decode_failure(data, out)}")
                 else:
                     results[i] = (
                         out.model_input,

@@ -88,6 +88,10 @@ def test_bad_bytes_fail_alone_in_a_batch(decoder: Decoder, corpus_dir: Path) -> 
     assert isinstance(out[3], PageDecodeError)
     # A truncated JPEG either fails cleanly or decodes to a full-size (partly grey) page.
     assert isinstance(out[4], PageDecodeError) or out[4].image.shape[:2] == (682, 640)
+    # the reason in words: what is wrong with the bytes, not DALI's "Failed to decode"
+    assert "truncated" in str(out[3]), str(out[3])
+    if isinstance(out[4], PageDecodeError):
+        assert "truncated" in str(out[4]), str(out[4])
     # The pipeline still works after failures.
     (again,) = decoder.decode([_page(good)])
     assert not isinstance(again, Exception)
