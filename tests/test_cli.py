@@ -175,3 +175,50 @@ def test_db_on_read_only_media(tmp_path: Path, corpus_dir: Path) -> None:
     proc = _read_only_mount(media, mount, [*FOLIO, "run", str(corpus_dir / "pages" / "linn.png"),
                                            "--db", str(mount / "done.db")])
     one_line_error(proc, "not writable")
+
+
+# --- `folio run` flags, each with its effect ---------------------------------------------
+
+
+def test_run_flags_reach_the_run(tmp_path: Path, corpus_dir: Path, model_dir: Path) -> None:
+    """--dpi, --device, --precision, --batch-size and --max-pixels through the CLI: stored
+    in the run's config, and the page rendered at the asked resolution (one PDF page)."""
+    import json
+    import math
+
+    import pypdfium2 as pdfium
+
+    pdf = corpus_dir / "pages" / "c03-29.pdf"
+    with pdfium.PdfDocument(pdf) as doc:
+        width_pt, height_pt = doc[0].get_size()
+    db = tmp_path / "flags.db"
+    proc = folio("run", pdf, "--db", db, "--dpi", "100", "--device", "cpu",
+                 "--precision", "bf16", "--batch-size", "1", "--max-pixels", "50000000",
+                 "--model-dir", model_dir, "--no-progress", "--json", timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    with sqlite3.connect(db) as conn:
+        config, manifest = (json.loads(v) for v in conn.execute(
+            "SELECT config, manifest FROM runs").fetchone())
+        size = conn.execute("SELECT width, height FROM pages").fetchone()
+    assert config["sources"]["dpi"] == 100 and config["sources"]["max_pixels"] == 50_000_000
+    assert config["decode"]["device"] == "cpu" and manifest["decode_device"] == "cpu"
+    assert config["layout"]["precision"] == "bf16" and config["layout"]["batch_size"] == 1
+    assert size == (math.ceil(width_pt * 100 / 72), math.ceil(height_pt * 100 / 72))
+
+    small = size[0] * size[1] - 1  # one pixel under the page: the page is refused
+    proc = folio("run", pdf, "--db", tmp_path / "limit.db", "--dpi", "100",
+                 "--max-pixels", str(small), "--no-progress", timeout=600)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    with sqlite3.connect(tmp_path / "limit.db") as conn:
+        (error,) = conn.execute("SELECT error FROM pages").fetchone()
+    assert f"over the limit of {small} pixels" in error
+
+
+def test_run_device_gpu_without_cuda_is_a_usage_error(tmp_path: Path, corpus_dir: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here: --device gpu is a valid request")
+    proc = folio("run", corpus_dir / "pages" / "linn.png", "--db", tmp_path / "x.db",
+                 "--device", "gpu", "--no-progress")
+    one_line_error(proc, "CUDA is not available")
