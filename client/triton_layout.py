@@ -48,6 +48,7 @@ from orchestrator.errors import (
     FolioError,
     LayoutError,
     LayoutServerUnavailable,
+    LayoutServerUnreachable,
     PageError,
 )
 from orchestrator.triton_stages import error_from_message
@@ -137,23 +138,47 @@ class AsyncTritonLayoutClient:
         return self._client
 
     async def wait_ready(self, timeout_s: float | None = None) -> None:
-        """Wait until the server reports ``folio_layout`` ready; else LayoutServerUnavailable."""
+        """Wait until the server reports ``folio_layout`` ready.
+
+        Raises ``LayoutServerUnreachable`` when nothing answers at the address within
+        ``connect_wait_s`` (a wrong URL fails in seconds), ``LayoutServerUnavailable`` when
+        a server answers but the model is not ready within ``timeout_s`` (default
+        ``ready_wait_s``); waiting for a live server's model is logged once.
+        """
         timeout_s = self.cfg.ready_wait_s if timeout_s is None else timeout_s
-        deadline = time.monotonic() + timeout_s
+        start = time.monotonic()
+        deadline = start + timeout_s
+        connect_deadline = start + min(self.cfg.connect_wait_s, timeout_s)
         delay = BACKOFF_INITIAL_S
         last: str = "no answer"
+        live = False
         while True:
             try:
                 if await self.client.is_model_ready(self.cfg.model_name, client_timeout=2.0):
                     return
                 last = f"model {self.cfg.model_name!r} not ready"
+                answered = True
             except InferenceServerException as exc:
-                last = str(exc)
-            if time.monotonic() + delay > deadline:
-                raise LayoutServerUnavailable(
-                    f"Triton at {self.cfg.url} not ready after {timeout_s:.0f} s: {last}"
+                last = exc.message() or str(exc)
+                # UNAVAILABLE / DEADLINE_EXCEEDED: no server behind the address (yet)
+                answered = (exc.status() or "") not in _TRANSIENT_STATUS
+            if answered and not live:
+                live = True
+                log.warning("Triton at %s answers; waiting up to %.0f s for %r to be ready",
+                            self.cfg.url, timeout_s, self.cfg.model_name)
+            now = time.monotonic()
+            if not live and (now >= connect_deadline or now + delay > deadline):
+                raise LayoutServerUnreachable(
+                    f"no Triton server answers at {self.cfg.url} (gRPC) after "
+                    f"{now - start:.0f} s: {last}; check --triton-url (triton.url)"
                 )
-            await asyncio.sleep(delay)
+            if now + delay > deadline:
+                raise LayoutServerUnavailable(
+                    f"Triton at {self.cfg.url} answers, but {self.cfg.model_name!r} is not "
+                    f"ready after {timeout_s:.0f} s: {last}"
+                )
+            pause = delay if live else min(delay, max(0.05, connect_deadline - now))
+            await asyncio.sleep(pause)
             delay = min(delay * 2, BACKOFF_MAX_S)
 
     async def model_parameters(self) -> dict[str, str]:

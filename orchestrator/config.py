@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import ConfigError
+from orchestrator.paths import default_model_dir
 
+# The source checkout (tests and perf scripts); the package itself never looks there.
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 DEFAULT_DPI = 200
@@ -137,7 +139,8 @@ class LinesConfig:
 @dataclass(frozen=True, slots=True)
 class LayoutConfig:
     backend: str = "inprocess"  # "inprocess" | "triton"
-    model_dir: Path = REPO_ROOT / "build" / "models"
+    # Default: the user cache's models/ folder (orchestrator.paths), built on first use.
+    model_dir: Path = field(default_factory=default_model_dir)
     precision: str = "auto"  # "fp32" | "bf16" | "auto" (bf16 on GPU, fp32 on CPU)
     # One CPU thread: 87-122 ms/page at batch 1-2, 136-149 at batch 4 (cache-bound).
     # On a GPU use 16-64.
@@ -176,6 +179,9 @@ class TritonConfig:
     max_in_flight: int = 8
     timeout_s: float = 60.0
     retries: int = 5
+    # At start: nothing answering at ``url`` for this long is an error (a wrong address
+    # fails in seconds); a server that answers gets ready_wait_s to load the model.
+    connect_wait_s: float = 5.0
     ready_wait_s: float = 60.0
 
 
@@ -349,6 +355,8 @@ def validate(cfg: FolioConfig) -> None:
         (cfg.sources.dpi > 0, "sources.dpi must be > 0"),
         (cfg.sources.max_pixels > 0, "sources.max_pixels must be > 0"),
         (cfg.decode.device in ("cpu", "gpu", "auto"), "decode.device must be cpu|gpu|auto"),
+        (cfg.decode.device_id >= 0, "decode.device_id must be >= 0"),
+        (cfg.decode.threads >= 1, "decode.threads must be >= 1"),
         (cfg.decode.batch_size >= 1, "decode.batch_size must be >= 1"),
         (cfg.lines.side_px >= 32, "lines.side_px must be >= 32"),
         (cfg.lines.precision in ("fp32", "bf16", "auto"), "lines.precision must be fp32|bf16|auto"),
@@ -363,10 +371,38 @@ def validate(cfg: FolioConfig) -> None:
         (cfg.lines.block_indent >= 0, "lines.block_indent must be >= 0"),
         (cfg.layout.figure_text in ("read", "skip"), "layout.figure_text must be read|skip"),
         (0.0 <= cfg.recognize.min_line_score <= 1.0, "recognize.min_line_score must be in [0, 1]"),
+        (cfg.decode.input_height >= 1 and cfg.decode.input_width >= 1,
+         "decode.input_height/input_width must be >= 1"),
+        (len(cfg.decode.mean) == 3 and len(cfg.decode.std) == 3,
+         "decode.mean and decode.std must hold 3 values (one per channel)"),
+        (all(s > 0 for s in cfg.decode.std), "decode.std values must be > 0"),
+        (cfg.decode.orient_min_lines >= 1, "decode.orient_min_lines must be >= 1"),
+        (cfg.decode.orient_line_aspect >= 1.0, "decode.orient_line_aspect must be >= 1"),
+        (cfg.decode.orient_lines >= 1, "decode.orient_lines must be >= 1"),
+        (cfg.decode.orient_crop_aspect > 0, "decode.orient_crop_aspect must be > 0"),
+        (cfg.decode.orient_margin >= 0, "decode.orient_margin must be >= 0"),
         (cfg.layout.backend in ("inprocess", "triton"), "layout.backend must be inprocess|triton"),
         (cfg.layout.precision in ("fp32", "bf16", "auto"),
          "layout.precision must be fp32|bf16|auto"),
         (cfg.layout.batch_size >= 1, "layout.batch_size must be >= 1"),
+        (cfg.layout.threads >= 1, "layout.threads must be >= 1"),
+        (0.0 <= cfg.layout.score_threshold <= 1.0, "layout.score_threshold must be in [0, 1]"),
+        (all(isinstance(v, int | float) and not isinstance(v, bool) and 0.0 <= v <= 1.0
+             for v in cfg.layout.class_score_thresholds.values()),
+         "layout.class_score_thresholds values must be numbers in [0, 1]"),
+        (cfg.layout.top_k_per_level >= 1, "layout.top_k_per_level must be >= 1"),
+        (cfg.layout.max_candidates >= 1, "layout.max_candidates must be >= 1"),
+        (cfg.layout.containment > 0, "layout.containment must be > 0"),
+        (0.0 < cfg.layout.column_max_width <= 1.0, "layout.column_max_width must be in (0, 1]"),
+        (0.0 <= cfg.layout.column_overlap < 1.0, "layout.column_overlap must be in [0, 1)"),
+        (len(cfg.layout.strides) >= 1 and all(isinstance(s, int) and s >= 1
+                                              for s in cfg.layout.strides),
+         "layout.strides must be a list of integers >= 1"),
+        (cfg.triton.max_in_flight >= 1, "triton.max_in_flight must be >= 1"),
+        (cfg.triton.timeout_s > 0, "triton.timeout_s must be > 0"),
+        (cfg.triton.retries >= 0, "triton.retries must be >= 0"),
+        (cfg.triton.ready_wait_s >= 0, "triton.ready_wait_s must be >= 0"),
+        (cfg.triton.connect_wait_s > 0, "triton.connect_wait_s must be > 0"),
         ((cfg.decode.input_height, cfg.decode.input_width)
          == (cfg.layout.input_height, cfg.layout.input_width),
          "decode.input_height/input_width must equal layout.input_height/input_width "
@@ -374,6 +410,7 @@ def validate(cfg: FolioConfig) -> None:
         (0.0 < cfg.layout.nms_iou <= 1.0, "layout.nms_iou must be in (0, 1]"),
         (cfg.recognize.engine in ("rapidocr", "vllm"), "recognize.engine must be rapidocr|vllm"),
         (cfg.recognize.workers >= 1, "recognize.workers must be >= 1"),
+        (cfg.recognize.threads >= 1, "recognize.threads must be >= 1"),
         (cfg.recognize.precision in ("fp32", "bf16", "auto"),
          "recognize.precision must be fp32|bf16|auto"),
         (cfg.decode.orient_precision in ("fp32", "bf16", "auto"),
@@ -392,6 +429,7 @@ def validate(cfg: FolioConfig) -> None:
          "vllm.backoff_initial_s must be in (0, vllm.backoff_max_s]"),
         (cfg.vllm.encode_threads >= 1, "vllm.encode_threads must be >= 1"),
         (cfg.crop.margin_px >= 0, "crop.margin_px must be >= 0"),
+        (cfg.crop.min_side_px >= 1, "crop.min_side_px must be >= 1"),
         (1 <= cfg.sink.batch_rows <= 100_000, "sink.batch_rows must be in 1..100000"),
         (cfg.sink.queue_pages >= 1, "sink.queue_pages must be >= 1"),
         (cfg.sink.flush_interval_s > 0, "sink.flush_interval_s must be > 0"),
@@ -413,6 +451,14 @@ def read_toml(path: Path, what: str) -> dict[str, Any]:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise ConfigError(f"{what} not found: {path}") from exc
+    except IsADirectoryError as exc:
+        raise ConfigError(f"{what} {path} is a folder, not a TOML file") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{what} {path} is not UTF-8 text (byte {exc.start}: {exc.reason})"
+        ) from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{what} {path} is not valid TOML: {exc}") from exc
 

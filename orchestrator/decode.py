@@ -10,6 +10,7 @@ page's text lines are detected once and the page is turned upright.
 from __future__ import annotations
 
 import io
+import re
 import time
 from collections.abc import Sequence
 
@@ -40,6 +41,11 @@ def resolve_device(requested: str) -> str:
         return "cpu"
 
 
+# What DALI's image decoder reads, as PIL names the formats (MPO: a JPEG with extra
+# frames); anything else (GIF, ICO, PSD...) would fail inside DALI with an opaque message.
+DECODABLE_FORMATS = frozenset({"JPEG", "MPO", "PNG", "TIFF", "JPEG2000", "BMP", "PPM", "WEBP"})
+
+
 def check_encoded(data: bytes, max_pixels: int) -> tuple[int, int]:
     """Read the image header only; return (width, height) or raise a PageError."""
     if not data:
@@ -47,12 +53,18 @@ def check_encoded(data: bytes, max_pixels: int) -> tuple[int, int]:
     try:
         with Image.open(io.BytesIO(data)) as header:
             width, height = header.size
+            kind = str(header.format)
     except UnidentifiedImageError as exc:
         raise PageDecodeError(
             f"not a recognised image format ({len(data)} bytes, starts with {data[:8]!r})"
         ) from exc
     except (OSError, ValueError, SyntaxError) as exc:
         raise PageDecodeError(f"unreadable image header: {exc}") from exc
+    if kind not in DECODABLE_FORMATS:
+        raise PageDecodeError(
+            f"{kind} images are not supported (folio decodes JPEG, PNG, TIFF, JPEG 2000, BMP, "
+            "PNM and WebP); convert the file"
+        )
     if width * height > max_pixels:
         raise PixelLimitExceeded(
             f"image is {width} x {height} = {width * height:,} px, over the limit of "
@@ -61,13 +73,47 @@ def check_encoded(data: bytes, max_pixels: int) -> tuple[int, int]:
     return width, height
 
 
+_DALI_NOISE = ("Critical error", "Error in CPU operator", "Error in MIXED operator",
+               "which was used", "Current pipeline object")
+
+
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith(("Critical error", "Error in CPU operator", "which was")):
+    """The reason in a DALI error: the text after its "encountered:" line, never the
+    pipeline-definition stack frame (``File "...", line N`` and its code) it quotes, nor
+    the terminal colour codes of the decoder's log lines."""
+    text = _ANSI_ESCAPE.sub("", str(exc)).strip()
+    _, found, reason = text.partition("encountered:")
+    frame = False
+    for raw in (reason if found else text).splitlines():
+        line = raw.strip()
+        if line.startswith('File "'):
+            frame = True  # the next line is that frame's source code
+            continue
+        if frame:
+            frame = False
+            continue
+        if line and not line.startswith(_DALI_NOISE):
             return line[:300]
-    return text.splitlines()[0][:300] if text else type(exc).__name__
+    return type(exc).__name__
+
+
+def decode_failure(data: bytes | None, exc: Exception) -> str:
+    """Why an image failed to decode, in words.
+
+    DALI's exception often says no more than "Failed to decode sample #0" (the codec's
+    own reason goes to its log), so the bytes are opened with PIL, which names the fault
+    ("image file is truncated (13 bytes not processed)"); DALI's line otherwise.
+    """
+    if data:
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()
+        except Exception as pil_exc:  # whatever PIL says is the reason we want
+            return _first_line(pil_exc)
+    return _first_line(exc)
 
 
 class Decoder:
@@ -155,7 +201,7 @@ class Decoder:
         page: EncodedPage, out: PreprocessedPage | Exception, decode_s: float
     ) -> DecodedPage | PageError:
         if isinstance(out, Exception):
-            return PageDecodeError(f"cannot decode image: {_first_line(out)}")
+            return PageDecodeError(f"cannot decode image: {decode_failure(page.data, out)}")
         assert out.image is not None  # keep_full=True
         return DecodedPage(
             ref=page.ref,

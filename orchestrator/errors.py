@@ -19,6 +19,10 @@ class SourceError(FolioError):
     """A source (file, folder, shard) cannot be opened or enumerated at all."""
 
 
+class NotAFolioDatabase(SourceError):
+    """A database given to read (export, show) is missing or not one folio wrote."""
+
+
 class PageError(FolioError):
     """One page failed; the run records it as an error row and goes on."""
 
@@ -45,6 +49,11 @@ class LayoutError(FolioError):
 
 class LayoutServerUnavailable(LayoutError):
     """The Triton layout server could not be reached within the configured time."""
+
+
+class LayoutServerUnreachable(LayoutServerUnavailable, ConfigError):
+    """Nothing answers at the configured Triton address at start (a wrong --triton-url, or
+    no server started): a usage error, CLI exit code 2."""
 
 
 class RecognitionError(FolioError):

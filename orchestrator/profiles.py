@@ -239,6 +239,103 @@ class ModelProfile:
         return out
 
 
+# --- fitting a server's context window --------------------------------------------------
+
+# Tokens added to the text estimate for what a profile's template_tokens may not count
+# (a chat template's default system prompt, role markers of another model family).
+CONTEXT_SLACK_TOKENS = 16
+
+
+def text_tokens_bound(profile: ModelProfile, task: Task) -> int:
+    """An upper bound on a request's non-image prompt tokens: a byte-level tokenizer never
+    spends more than one token per UTF-8 byte, plus the template and some slack."""
+    text = profile.prompt(task) + (profile.system_prompt or "")
+    return profile.template_tokens + len(text.encode("utf-8")) + CONTEXT_SLACK_TOKENS
+
+
+@dataclass(frozen=True, slots=True)
+class ContextFit:
+    """How one profile's requests fit a server's context window (``max_model_len``).
+
+    Per task: the profile to encode crops with (its pixel budget lowered when the
+    profile's largest image would not leave room for the output) and the bound on the
+    prompt's text tokens. ``max_tokens(task, image_tokens)`` is the profile's output
+    length, capped at what fits beside the prompt.
+
+    Usage::
+
+        fit = fit_context(GLM_OCR, max_model_len=1024)      # ConfigError if nothing fits
+        fit.profiles[Task.TEXT].budget.max_image_tokens       # 469 (GLM-OCR's own: 6144)
+        fit.max_tokens(Task.TEXT, image_tokens=200)           # 781 (the profile's: 4096)
+    """
+
+    max_model_len: int
+    base: ModelProfile
+    profiles: Mapping[Task, ModelProfile]
+    text_tokens: Mapping[Task, int]
+
+    def max_tokens(self, task: Task, image_tokens: int) -> int:
+        room = self.max_model_len - image_tokens - self.text_tokens[task]
+        return max(1, min(self.base.max_tokens_for(task), room))
+
+    @property
+    def changed(self) -> bool:
+        """Whether the window caps anything the profile asks for."""
+        return any(
+            self.max_tokens(task, self.profiles[task].budget.max_image_tokens)
+            < self.base.max_tokens_for(task)
+            or self.profiles[task] is not self.base
+            for task in RECOGNIZED_TASKS
+        )
+
+    def describe(self) -> str:
+        """One line per task: the output cap range and the image budget."""
+        parts = []
+        for task in RECOGNIZED_TASKS:
+            budget = self.profiles[task].budget
+            smallest = self.max_tokens(task, budget.image_tokens(1, 1))
+            largest = self.max_tokens(task, budget.max_image_tokens)
+            parts.append(
+                f"{task.value}: max_tokens {largest}-{smallest} of {self.base.max_tokens_for(task)}"
+                f", images up to {budget.max_image_tokens} tokens"
+            )
+        return "; ".join(parts)
+
+
+def fit_context(profile: ModelProfile, max_model_len: int) -> ContextFit:
+    """Fit ``profile``'s requests into a context of ``max_model_len`` tokens.
+
+    A crop may take at most what leaves the output its profile length, or half the window
+    when that is less; each request's ``max_tokens`` is then capped at what fits beside
+    its prompt. Raises ConfigError, with the numbers, when even the smallest request (the
+    smallest image, the prompt, one output token) does not fit.
+    """
+    profiles: dict[Task, ModelProfile] = {}
+    text: dict[Task, int] = {}
+    for task in RECOGNIZED_TASKS:
+        budget = profile.budget
+        text[task] = text_tokens_bound(profile, task)
+        smallest_image = budget.image_tokens(1, 1)
+        if smallest_image + text[task] + 1 > max_model_len:
+            raise ConfigError(
+                f"the vLLM server's max_model_len is {max_model_len} tokens; the smallest "
+                f"{task.value} request of profile {profile.name!r} needs {smallest_image} image "
+                f"+ {text[task]} prompt + 1 output tokens: serve the model with a larger "
+                f"--max-model-len"
+            )
+        reserve = min(profile.max_tokens_for(task), max_model_len // 2)
+        image_room = max(smallest_image, max_model_len - text[task] - reserve)
+        if budget.max_image_tokens <= image_room:
+            profiles[task] = profile
+            continue
+        per_token = budget.factor * budget.factor
+        max_pixels = max(image_room * per_token, budget.min_pixels, per_token)
+        profiles[task] = dataclasses.replace(
+            profile, budget=dataclasses.replace(budget, max_pixels=max_pixels)
+        )
+    return ContextFit(max_model_len, profile, profiles, text)
+
+
 # --- output post-processing -------------------------------------------------------------
 
 _FENCE_RE = re.compile(r"^```[ \t]*[\w+-]*[ \t]*\n?(.*?)\n?```$", re.S)

@@ -56,8 +56,8 @@ import numpy as np
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
 from orchestrator.config import VLLMConfig
-from orchestrator.errors import RecognitionError, RecognizerUnavailable
-from orchestrator.profiles import ModelProfile, resolve_profile
+from orchestrator.errors import ConfigError, RecognitionError, RecognizerUnavailable
+from orchestrator.profiles import ContextFit, ModelProfile, fit_context, resolve_profile
 from orchestrator.types import RecognitionResult, RegionTask, Task, UInt8Array
 
 log = logging.getLogger("folio.vllm")
@@ -143,8 +143,12 @@ def encode_crop(image: UInt8Array, profile: ModelProfile) -> EncodedCrop:
 _IMAGE_PLACEHOLDER = "@@folio-image@@"
 
 
-def build_request(profile: ModelProfile, model: str, task: Task, image_url: str) -> dict[str, Any]:
-    """The chat-completions body for one region: the image, then the task's prompt."""
+def build_request(
+    profile: ModelProfile, model: str, task: Task, image_url: str, max_tokens: int | None = None
+) -> dict[str, Any]:
+    """The chat-completions body for one region: the image, then the task's prompt.
+
+    ``max_tokens`` None: the profile's length for the task."""
     messages: list[dict[str, Any]] = []
     if profile.system_prompt:
         messages.append({"role": "system", "content": profile.system_prompt})
@@ -161,17 +165,20 @@ def build_request(profile: ModelProfile, model: str, task: Task, image_url: str)
         **profile.extra_body,
         "model": model,
         "messages": messages,
-        "max_tokens": profile.max_tokens_for(task),
+        "max_tokens": profile.max_tokens_for(task) if max_tokens is None else max_tokens,
         **profile.sampling.request_fields(),
         "stream": True,
         "stream_options": {"include_usage": True},
     }
 
 
-def request_bytes(profile: ModelProfile, model: str, task: Task, image_url: str) -> bytes:
+def request_bytes(
+    profile: ModelProfile, model: str, task: Task, image_url: str, max_tokens: int | None = None
+) -> bytes:
     """``build_request`` serialised, splicing the (large, JSON-safe) data URL in as is."""
     head, tail = json.dumps(
-        build_request(profile, model, task, _IMAGE_PLACEHOLDER), separators=(",", ":")
+        build_request(profile, model, task, _IMAGE_PLACEHOLDER, max_tokens),
+        separators=(",", ":"),
     ).split(_IMAGE_PLACEHOLDER)
     return b"".join((head.encode(), image_url.encode("ascii"), tail.encode()))
 
@@ -301,6 +308,11 @@ class VLLMRecognizer:
         self.cfg = cfg
         self.profile = profile or resolve_profile(cfg)
         self.model: str | None = cfg.model
+        # From the server's /v1/models: its context window, and how requests fit it
+        # (None: not known yet, or not reported: the profile's values are sent).
+        self.max_model_len: int | None = None
+        self._fit: ContextFit | None = None
+        self._models_read = False
         self._encoder: Encoder = encoder or encode_crop
         self._transport = transport
         self._base = cfg.url.rstrip("/")
@@ -318,6 +330,11 @@ class VLLMRecognizer:
         self._thread = threading.Thread(target=self._run_loop, name="folio-vllm-loop", daemon=True)
         self._thread.start()
         self._ready.wait()
+        try:
+            asyncio.run_coroutine_threadsafe(self._read_models_at_start(), self._loop).result()
+        except BaseException:
+            self.close()
+            raise
 
     # -- public API (any thread) -----------------------------------------------------------
 
@@ -380,6 +397,7 @@ class VLLMRecognizer:
                 "latency_p50_s": _percentile(s.latency, 50),
                 "latency_p95_s": _percentile(s.latency, 95),
                 "ttft_sla_s": self.cfg.ttft_sla_s,
+                "max_model_len": self.max_model_len,
                 # share of finished regions that succeeded with TTFT within the SLA
                 "goodput": s.good / finished if finished else None,
                 "server_unreachable": self.server_unreachable,
@@ -485,7 +503,7 @@ class VLLMRecognizer:
         if wanted:
             try:
                 model = await self._ensure_model()
-            except RecognizerUnavailable as exc:
+            except (RecognizerUnavailable, ConfigError) as exc:
                 for i in wanted:
                     results[i] = RecognitionResult(text=None, error=str(exc))
                 self._count_errors(len(wanted))
@@ -525,8 +543,15 @@ class VLLMRecognizer:
     def _prepare(self, task: RegionTask, model: str) -> tuple[EncodedCrop, bytes]:
         if task.image is None:
             raise RecognitionError("a region reached the vLLM recogniser without its crop")
-        crop = self._encoder(task.image, self.profile)
-        return crop, request_bytes(self.profile, model, task.task, crop.data_url)
+        fit = self._fit
+        if fit is None:
+            crop = self._encoder(task.image, self.profile)
+            return crop, request_bytes(self.profile, model, task.task, crop.data_url)
+        # The crop encoded within the budget that fits the server's window, and the output
+        # capped at what fits beside this prompt.
+        crop = self._encoder(task.image, fit.profiles[task.task])
+        max_tokens = fit.max_tokens(task.task, crop.image_tokens)
+        return crop, request_bytes(self.profile, model, task.task, crop.data_url, max_tokens)
 
     # -- dispatch --------------------------------------------------------------------------
 
@@ -809,12 +834,75 @@ class VLLMRecognizer:
 
     # -- the served model ------------------------------------------------------------------
 
+    def _adopt_models(self, payload: Any) -> None:
+        """Take the model and its context window from a /v1/models answer.
+
+        Raises ConfigError when the configured model is not served (naming those that
+        are), or when even the smallest request cannot fit the window; ValueError etc.
+        for an answer that is not a model list.
+        """
+        entries = [e for e in payload["data"] if isinstance(e, dict) and "id" in e]
+        served = [str(e["id"]) for e in entries]
+        if not served:
+            raise ValueError("the model list is empty")
+        wanted = self.cfg.model
+        if wanted is not None and wanted not in served:
+            raise ConfigError(
+                f"the vLLM server at {self._base} does not serve model {wanted!r} "
+                f"(vllm.model / --vllm-model); it serves: {', '.join(served)}"
+            )
+        entry = entries[served.index(wanted)] if wanted is not None else entries[0]
+        length = entry.get("max_model_len")
+        fit = None
+        if isinstance(length, int) and not isinstance(length, bool) and length >= 1:
+            fit = fit_context(self.profile, length)
+        # else not reported: the profile's values stand
+        self.model, self._fit = str(entry["id"]), fit
+        self.max_model_len = fit.max_model_len if fit is not None else None
+        self._models_read = True
+        if fit is not None and fit.changed:
+            log.warning(
+                "vLLM model %s at %s has max_model_len=%d: profile %r requests are fitted "
+                "into it (%s)", self.model, self._base, length, self.profile.name,
+                fit.describe(),
+            )
+
+    async def _read_models_at_start(self) -> None:
+        """One look at /v1/models: a model that is not served, or a window that holds no
+        request, is a ConfigError now; a server that does not answer yet is waited for
+        when the first regions come (``_ensure_model``)."""
+        try:
+            resp = await self._probe_client.get(MODELS_PATH)
+            resp.raise_for_status()
+            payload = resp.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            log.warning("vLLM server at %s: no model list at start (%s); checked again "
+                        "when the first regions are sent", self._base, exc)
+            return
+        try:
+            self._adopt_models(payload)
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("vLLM server at %s: unexpected %s answer (%s: %s); sending the "
+                        "profile's values", self._base, MODELS_PATH, type(exc).__name__, exc)
+            self._models_read = True
+
     async def _ensure_model(self) -> str:
-        """The model name to send: ``cfg.model``, else the server's first model."""
-        if self.model is not None:
+        """The model name to send: ``cfg.model``, else the server's first model.
+
+        The model list is read once: a configured model is sent as is when the server
+        gives none (a dead server then fails the regions through the dispatcher), while
+        without one the list is waited for up to ``dead_server_wait_s``."""
+        if self.model is not None and self._models_read:
             return self.model
         async with self._model_lock:
-            if self.model is not None:
+            if self.model is not None and self._models_read:
+                return self.model
+            if self.model is not None:  # configured; one more look for the window
+                self._models_read = True
+                with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, TypeError):
+                    resp = await self._probe_client.get(MODELS_PATH)
+                    resp.raise_for_status()
+                    self._adopt_models(resp.json())
                 return self.model
             start = time.monotonic()
             interval = 0.25
@@ -822,8 +910,8 @@ class VLLMRecognizer:
                 try:
                     resp = await self._probe_client.get(MODELS_PATH)
                     resp.raise_for_status()
-                    data = resp.json()["data"]
-                    self.model = str(data[0]["id"])
+                    self._adopt_models(resp.json())
+                    assert self.model is not None
                     return self.model
                 except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
                     waited = time.monotonic() - start

@@ -1,10 +1,11 @@
 """Run the Triton server that ships inside the ``nvidia-pytriton`` wheel on a model repository.
 
 The wheel carries a real ``tritonserver`` (2.51.0) with the python backend and python-backend
-stubs for several Python versions. ``prepare_server_home`` copies it to ``build/tritonserver``
-once and puts this interpreter's stub into ``backends/python``; ``start_server`` runs it on
-127.0.0.1 with the venv's ``bin`` first on PATH, so the stub's embedded Python imports the
-installed ``orchestrator`` and ``dali_pipelines`` packages.
+stubs for several Python versions. ``prepare_server_home`` copies it to the cache's
+``tritonserver/`` (``orchestrator.paths``) once and puts this interpreter's stub into
+``backends/python``; ``start_server`` runs it on 127.0.0.1 with the venv's ``bin`` first on
+PATH, so the stub's embedded Python imports the installed ``orchestrator`` and
+``dali_pipelines`` packages.
 
 Usage::
 
@@ -37,8 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from orchestrator.config import REPO_ROOT
 from orchestrator.errors import ConfigError, LayoutServerUnavailable
+from orchestrator.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,6 @@ DEFAULT_HTTP_PORT = 8000
 DEFAULT_GRPC_PORT = 8001
 DEFAULT_METRICS_PORT = 8002
 DEFAULT_HOST = "127.0.0.1"
-DEFAULT_SERVER_HOME = REPO_ROOT / "build" / "tritonserver"
 DEFAULT_READY_TIMEOUT_S = 180.0
 DEFAULT_STOP_TIMEOUT_S = 30.0
 # The python backend's shared-memory arena per model instance: one batch of 8 pages is
@@ -99,12 +99,22 @@ def _libs_dir() -> Path:
     return _pytriton_dir().parent / "nvidia_pytriton.libs"
 
 
-def prepare_server_home(dest: Path = DEFAULT_SERVER_HOME) -> Path:
+def default_server_home() -> Path:
+    """The server's home in the cache (a copy of the wheel's ``tritonserver`` folder)."""
+    return cache_dir() / "tritonserver"
+
+
+def default_log_path(ports: ServerPorts) -> Path:
+    return cache_dir() / "logs" / f"tritonserver-{ports.grpc}.log"
+
+
+def prepare_server_home(dest: Path | None = None) -> Path:
     """Copy the wheel's ``tritonserver`` folder to ``dest`` with this Python's stub in place.
 
     Idempotent; the copy is made beside ``dest`` and renamed in, so concurrent callers
     never see half a folder.
     """
+    dest = dest or default_server_home()
     marker = dest / _HOME_MARKER
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     stamp = f"{_pytriton_dir()} {version}"
@@ -143,6 +153,10 @@ def server_environment(home: Path) -> dict[str, str]:
     env["LD_LIBRARY_PATH"] = os.pathsep.join(lib_dirs)
     venv_bin = str(Path(sys.executable).parent)
     env["PATH"] = os.pathsep.join([venv_bin, env.get("PATH", "")])
+    # The python models import the orchestrator package this process runs (the installed
+    # wheel, or a checkout), whichever folder the server starts in.
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     # One OpenMP/MKL pool per stub unless the caller says otherwise.
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
@@ -362,7 +376,7 @@ def start_server(
     if not model_repository.is_dir():
         raise ConfigError(f"model repository not found: {model_repository}")
     ports = ports or ServerPorts()
-    home = prepare_server_home(home or DEFAULT_SERVER_HOME)
+    home = prepare_server_home(home)
     command = server_command(
         home, model_repository, ports, log_verbose=log_verbose, extra_args=extra_args
     )
@@ -370,7 +384,7 @@ def start_server(
     if env:
         full_env.update(env)
     if log_path is None:
-        log_path = REPO_ROOT / "build" / "logs" / f"tritonserver-{ports.grpc}.log"
+        log_path = default_log_path(ports)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.write_text("")  # a fresh start gets a fresh log; restart() appends
     server = TritonServerProcess(
@@ -400,7 +414,7 @@ def serve(
 
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        log_path = REPO_ROOT / "build" / "logs" / f"tritonserver-{ports.grpc}.log"
+        log_path = default_log_path(ports)
         server = start_server(
             model_repository,
             ports=ports,
@@ -440,7 +454,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
                    "(the bundled server has only the python backend: cpu)")
     p.add_argument("--model-repository", type=Path, default=None,
                    help="serve this repository as is (default: build the target's into "
-                   "build/model_repository/<target>)")
+                   "the cache's model_repository/<target>)")
     p.add_argument("--model-dir", type=Path, default=None,
                    help="layout model artifacts for the build (default: layout.model_dir)")
     p.add_argument("--config", type=Path, default=None, help="folio TOML config baked into "
@@ -454,13 +468,13 @@ def add_serve_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
 
 def run_serve(args: argparse.Namespace) -> int:
     from orchestrator.config import load_config
-    from orchestrator.triton_repo import DEFAULT_OUT_ROOT, build_repository
+    from orchestrator.triton_repo import build_repository, default_out
 
     repo = args.model_repository
     if repo is None:
         cfg = load_config(getattr(args, "config", None))
         repo = build_repository(
-            args.target, DEFAULT_OUT_ROOT / args.target, cfg=cfg, model_dir=args.model_dir
+            args.target, default_out(args.target), cfg=cfg, model_dir=args.model_dir
         )
     ports = ServerPorts(http=args.http_port, grpc=args.grpc_port, metrics=args.metrics_port)
     return serve(repo, ports, log_verbose=args.log_verbose)

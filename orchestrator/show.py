@@ -22,7 +22,7 @@ from typing import Any
 from orchestrator.config import SourceConfig
 from orchestrator.errors import SourceError
 from orchestrator.orient import rotate_clockwise
-from orchestrator.sink import connect
+from orchestrator.sink import open_existing
 from orchestrator.sources import decode_for_display, identity, load_page
 from orchestrator.types import PageRef
 
@@ -49,9 +49,7 @@ def _colour(label: str) -> tuple[int, int, int]:
 
 
 def _open(db: Path) -> Any:
-    if not Path(db).is_file():
-        raise SourceError(f"database not found: {db}")
-    return connect(Path(db), readonly=True)
+    return open_existing(Path(db))
 
 
 def resolve_page(db: Path, spec: str) -> tuple[str, int]:

@@ -41,7 +41,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from orchestrator.config import SinkConfig
-from orchestrator.errors import SinkError
+from orchestrator.errors import NotAFolioDatabase, SinkError
 from orchestrator.types import LineText, PageOutcome, PageRef, RecognitionResult, Region
 
 SCHEMA_VERSION = 2
@@ -168,10 +168,7 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     """A connection in autocommit mode (transactions are explicit) with folio's pragmas."""
     try:
         if readonly:
-            conn = sqlite3.connect(
-                f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None,
-                check_same_thread=False,
-            )
+            conn = _connect_readonly(path)
         else:
             conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
@@ -181,6 +178,46 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
         conn.execute("PRAGMA foreign_keys = ON")
     except sqlite3.Error as exc:
         raise SinkError(f"cannot open database {path}: {exc}") from exc
+    return conn
+
+
+def _connect_readonly(path: Path) -> sqlite3.Connection:
+    """``mode=ro``; on read-only media, where a WAL database's -shm file cannot be
+    created, ``immutable=1`` (no writer can be active there to change it under us)."""
+    uri = path.resolve().as_uri()
+    conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, isolation_level=None,
+                           check_same_thread=False)
+    try:
+        conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+    except sqlite3.OperationalError:
+        conn.close()
+        conn = sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, isolation_level=None,
+                               check_same_thread=False)
+    return conn
+
+
+def open_existing(path: Path) -> sqlite3.Connection:
+    """A read-only connection to an existing folio database.
+
+    Raises ``NotAFolioDatabase`` for a missing file, a file that is not SQLite, or an
+    SQLite database without folio's tables.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise NotAFolioDatabase(f"database not found: {path}")
+    try:
+        conn = connect(path, readonly=True)
+    except SinkError as exc:
+        raise NotAFolioDatabase(f"{path} is not a folio database ({exc.__cause__ or exc})") from exc
+    try:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise NotAFolioDatabase(f"{path} is not a folio database ({exc})") from exc
+    if not {"documents", "pages", "regions"} <= tables:
+        conn.close()
+        what = "an empty file" if not tables else "an SQLite database without folio's tables"
+        raise NotAFolioDatabase(f"{path} is not a folio database ({what})")
     return conn
 
 

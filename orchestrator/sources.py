@@ -32,6 +32,7 @@ sources and ``load_page`` may be used from several threads.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import threading
@@ -51,12 +52,19 @@ Skip = Callable[[PageRef], bool]
 SHARD_EXTENSIONS = (".arrow", ".parquet")
 TIFF_EXTENSIONS = (".tif", ".tiff")
 PDF_REOPEN_PAGES = 64  # a PDF is closed and reopened after this many rendered pages
+# After this many pages in a row that PDFium cannot load, later pages are probed
+# (PDF_PROBE_PAGES of them, evenly spread, the last included); when none of them loads,
+# the rest of the document is one error page instead of one per page: a page tree whose
+# /Count says 1,000,000 over one real page would otherwise give 999,999 error rows.
+PDF_LOAD_FAILURES_BEFORE_PROBE = 8
+PDF_PROBE_PAGES = 64
 PARQUET_BATCH_ROWS = 64  # rows decoded at a time from a Parquet row group
 POINTS_PER_INCH = 72.0
 
 # One lock for every PDFium call in the process (PDFium has global state).
 _PDFIUM_LOCK = threading.RLock()
 
+_LOAD_FAILED = "cannot load page"
 _ARROW_FILE_MAGIC = b"ARROW1"
 _ARROW_STREAM_MAGIC = b"\xff\xff\xff\xff"
 _PARQUET_MAGIC = b"PAR1"
@@ -81,8 +89,13 @@ class PageSource(Protocol):
 
 
 def identity(path: str | Path) -> str:
-    """The identity string of a document: its absolute, normalised path."""
-    return str(Path(os.path.expanduser(str(path))).resolve())
+    """The identity string of a document: its absolute, normalised path.
+
+    ``os.path.realpath`` gives what ``Path.resolve()`` gives, but a symlink loop comes back
+    as a path instead of a RuntimeError, so it can become an error page like any
+    unreadable file.
+    """
+    return os.path.realpath(os.path.expanduser(str(path)))
 
 
 def _error(source: str, page: int, message: str, read_s: float = 0.0) -> EncodedPage:
@@ -227,10 +240,22 @@ class PdfSource:
             with _PDFIUM_LOCK:
                 count = len(pdf)
             rendered = 0
+            load_failures = 0
             for index in range(count):
                 ref = PageRef(self.source, index + 1)
                 if skip is not None and skip(ref):
                     continue
+                if load_failures >= PDF_LOAD_FAILURES_BEFORE_PROBE:
+                    if not self._any_loads(pdf, range(index, count)):
+                        yield _error(
+                            self.source, index + 1,
+                            f"pages {index + 1}-{count} not read: the PDF declares {count} "
+                            f"pages, but the last {load_failures} did not load and none of "
+                            f"the later pages probed loads (a wrong /Count or a damaged "
+                            f"page tree)",
+                        )
+                        return
+                    load_failures = 0
                 if rendered and rendered % PDF_REOPEN_PAGES == 0:
                     # PDFium keeps every object it parsed (image streams included) until
                     # the document closes: ~page-size bytes per page, 0.7 GB over a
@@ -243,7 +268,10 @@ class PdfSource:
                         return
                 rendered += 1
                 # Render and release under the lock; yield with no page object alive.
-                yield self._render(pdf, index)
+                page = self._render(pdf, index)
+                failed_load = (page.error or "").startswith(_LOAD_FAILED)
+                load_failures = load_failures + 1 if failed_load else 0
+                yield page
         finally:
             if pdf is not None:
                 with _PDFIUM_LOCK:
@@ -294,6 +322,23 @@ class PdfSource:
                 pdf.init_forms()
         return pdf, ""
 
+    @staticmethod
+    def _any_loads(pdf: Any, indices: range) -> bool:
+        """Whether any of up to PDF_PROBE_PAGES pages spread over ``indices`` (the last
+        one included) loads."""
+        n = len(indices)
+        picks = sorted({indices[(k * (n - 1)) // max(1, PDF_PROBE_PAGES - 1)]
+                        for k in range(min(n, PDF_PROBE_PAGES))} | {indices[-1]})
+        with _PDFIUM_LOCK:
+            for index in picks:
+                try:
+                    page = pdf[index]
+                except Exception:  # PdfiumError: "Failed to load page."
+                    continue
+                page.close()
+                return True
+        return False
+
     def _render(self, pdf: Any, index: int) -> EncodedPage:
         start = time.perf_counter()
         ref = PageRef(self.source, index + 1)
@@ -301,7 +346,11 @@ class PdfSource:
         page = bitmap = None
         try:
             with _PDFIUM_LOCK:
-                page = pdf[index]
+                try:
+                    page = pdf[index]
+                except Exception as exc:  # PdfiumError: no such page object
+                    return EncodedPage(ref, error=f"{_LOAD_FAILED}: {_reason(exc)}",
+                                       read_s=time.perf_counter() - start)
                 # PDFium's width/height already account for /Rotate; render() uses the
                 # same ceil(size * scale) rule.
                 width_pt, height_pt = page.get_size()
@@ -647,6 +696,16 @@ class SourceSet:
         return sum(int(getattr(s, "count_pages", lambda: 1)()) for s in self._sources)
 
 
+def _missing(path: Path, text: str) -> str:
+    """Why a path that does not exist cannot be read: a symlink loop, or not found."""
+    try:
+        path.stat()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"cannot read file: symlink loop ({text})"
+    return f"file not found: {text}"
+
+
 def _open_one(
     given: str | Path, cfg: SourceConfig, seen: set[str]
 ) -> tuple[list[PageSource], int]:
@@ -657,7 +716,7 @@ def _open_one(
         return [], 0
     if not path.exists():
         seen.add(source)
-        return [ErrorSource(source, f"file not found: {text}")], 0
+        return [ErrorSource(source, _missing(path, text))], 0
     if path.is_dir():
         seen.add(source)
         found, skipped = _walk(Path(source), cfg)

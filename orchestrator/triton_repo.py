@@ -34,14 +34,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config import REPO_ROOT, FolioConfig, load_config
+from orchestrator.config import FolioConfig, load_config
 from orchestrator.errors import ConfigError, ModelArtifactError
+from orchestrator.paths import cache_dir, template_root
 from orchestrator.triton_stages import CONFIG_PARAMETER, DEFAULT_HEAD, config_parameter
 
 log = logging.getLogger(__name__)
 
-TEMPLATE_ROOT = REPO_ROOT / "model_repository"
-DEFAULT_OUT_ROOT = REPO_ROOT / "build" / "model_repository"
+TEMPLATE_ROOT = template_root()
 TARGETS = ("cpu", "gpu")
 ENSEMBLE = "folio_layout"
 STEPS = ("preprocess", "layout", "postprocess")
@@ -75,6 +75,11 @@ class TargetSettings:
     layout_precision: str
     decode_threads: int
     steps: Mapping[str, StepSettings]
+
+
+def default_out(target: str) -> Path:
+    """Where ``folio repo build`` / ``folio serve`` render a target by default (the cache)."""
+    return cache_dir() / "model_repository" / target
 
 
 def load_targets(path: Path = TEMPLATE_ROOT / "targets.toml") -> dict[str, TargetSettings]:
@@ -460,7 +465,8 @@ def add_repo_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
                        "DALI + libtorch) or cpu (bundled tritonserver: python backend) target.")
     b.add_argument("--target", choices=TARGETS, required=True)
     b.add_argument("--out", type=Path, default=None,
-                   help="output folder (replaced; default build/model_repository/<target>)")
+                   help="output folder (replaced; default: the cache's "
+                   "model_repository/<target>)")
     b.add_argument("--model-dir", type=Path, default=None,
                    help="layout model artifacts (default: layout.model_dir)")
     b.add_argument("--config", type=Path, default=None, help="folio TOML config to bake in")
@@ -472,7 +478,7 @@ def add_repo_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
 
 def run_repo_build(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
-    out = args.out or DEFAULT_OUT_ROOT / args.target
+    out = args.out or default_out(args.target)
     path = build_repository(args.target, out, cfg=cfg, model_dir=args.model_dir)
     print(path)
     return 0

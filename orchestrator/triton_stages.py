@@ -67,9 +67,21 @@ def error_from_message(message: str) -> FolioError | None:
 
 
 def config_parameter(cfg: FolioConfig) -> str:
-    """The JSON that ``stage_config`` reads back: the sections the server steps use."""
+    """The JSON that ``stage_config`` reads back: the sections the server steps use.
+
+    ``layout.model_dir`` is left out: the layout step reads its artifact from its own
+    version folder, and a path of the building machine would tie the repository to it.
+    """
     data = cfg.to_dict()
+    data["layout"].pop("model_dir", None)
     return json.dumps({k: data[k] for k in ("sources", "decode", "layout")}, sort_keys=True)
+
+
+def is_client_error(exc: BaseException) -> bool:
+    """Whether a step's failure is the request's fault (bytes that are not an image, a
+    page over the pixel limit): Triton answers INVALID_ARG, not INTERNAL, so a client can
+    tell it from a server fault."""
+    return isinstance(exc, PageError)
 
 
 def stage_config(model_config: Mapping[str, Any]) -> FolioConfig:
@@ -112,7 +124,7 @@ class PreprocessStage:
     def __call__(
         self, items: Sequence[npt.NDArray[np.uint8]]
     ) -> list[tuple[npt.NDArray[np.float32], npt.NDArray[np.int32]] | PageError]:
-        from orchestrator.decode import _first_line, check_encoded
+        from orchestrator.decode import check_encoded, decode_failure
 
         results: list[tuple[npt.NDArray[np.float32], npt.NDArray[np.int32]] | PageError | None]
         results = [None] * len(items)
@@ -130,7 +142,9 @@ class PreprocessStage:
             outputs = self._pre.run([np.ascontiguousarray(items[i]) for i in chunk])
             for i, out in zip(chunk, outputs, strict=True):
                 if isinstance(out, Exception):
-                    results[i] = PageDecodeError(f"cannot decode image: {_first_line(out)}")
+                    data = np.ascontiguousarray(items[i], dtype=np.uint8).tobytes()
+                    results[i] = PageDecodeError(
+                        f"cannot decode image: {decode_failure(data, out)}")
                 else:
                     results[i] = (
                         out.model_input,

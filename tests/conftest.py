@@ -12,6 +12,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # clone's origin and passes it in FOLIO_SHARED.
 CORPUS = Path(os.environ.get("FOLIO_SHARED") or REPO_ROOT.parent / "shared") / "corpus"
 MODEL_DIR = REPO_ROOT / "build" / "models"
+# folio's cache is the checkout's build/ (as under make), so default settings find the
+# artifacts `make models` built, and servers and logs stay in the checkout.
+os.environ.setdefault("FOLIO_CACHE_DIR", str(REPO_ROOT / "build"))
 
 
 @pytest.fixture(scope="session")

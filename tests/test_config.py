@@ -33,6 +33,25 @@ def test_file_then_flags_override_defaults(tmp_path: Path) -> None:
     ({"nope.key": 1}, "unknown config section"),
     ({"layout.nope": 1}, "unknown config key layout.nope"),
     ({"decode.input_width": 640}, "decode.input_height/input_width"),
+    ({"decode.threads": 0}, "decode.threads must be >= 1"),
+    ({"layout.threads": -1}, "layout.threads must be >= 1"),
+    ({"layout.max_candidates": 0}, "layout.max_candidates must be >= 1"),
+    ({"layout.top_k_per_level": 0}, "layout.top_k_per_level must be >= 1"),
+    ({"layout.score_threshold": 1.5}, "layout.score_threshold"),
+    ({"layout.class_score_thresholds": {"table": -0.1}}, "layout.class_score_thresholds"),
+    ({"layout.containment": 0.0}, "layout.containment"),
+    ({"layout.strides": [8, 0]}, "layout.strides"),
+    ({"decode.orient_lines": 0}, "decode.orient_lines"),
+    ({"decode.device_id": -1}, "decode.device_id"),
+    ({"triton.max_in_flight": 0}, "triton.max_in_flight"),
+    ({"triton.timeout_s": 0}, "triton.timeout_s"),
+    ({"recognize.threads": 0}, "recognize.threads"),
+    ({"lines.side_px": 0}, "lines.side_px"),
+    ({"lines.region_share": 0.0}, "lines.region_share"),
+    ({"lines.core_inset": 0.5}, "lines.core_inset"),
+    ({"layout.figure_text": "maybe"}, "layout.figure_text"),
+    ({"recognize.min_line_score": 2.0}, "recognize.min_line_score"),
+    ({"crop.min_side_px": 0}, "crop.min_side_px"),
 ])
 def test_bad_values_name_the_key(values: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -42,6 +61,12 @@ def test_bad_values_name_the_key(values: dict[str, object], message: str) -> Non
 def test_bad_files_are_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_config(tmp_path)
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes("# é\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(latin1)
     broken = tmp_path / "broken.toml"
     broken.write_text("[layout\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="not valid TOML"):

@@ -88,9 +88,40 @@ def test_bad_bytes_fail_alone_in_a_batch(decoder: Decoder, corpus_dir: Path) -> 
     assert isinstance(out[3], PageDecodeError)
     # A truncated JPEG either fails cleanly or decodes to a full-size (partly grey) page.
     assert isinstance(out[4], PageDecodeError) or out[4].image.shape[:2] == (682, 640)
+    # the reason in words: what is wrong with the bytes, not DALI's "Failed to decode"
+    assert "truncated" in str(out[3]), str(out[3])
+    if isinstance(out[4], PageDecodeError):
+        assert "truncated" in str(out[4]), str(out[4])
     # The pipeline still works after failures.
     (again,) = decoder.decode([_page(good)])
     assert not isinstance(again, Exception)
+
+
+def test_a_gif_named_png_gets_a_reason_not_a_stack_frame(decoder: Decoder,
+                                                          corpus_dir: Path) -> None:
+    gif = io.BytesIO()
+    Image.open(corpus_dir / "pages" / "baiona.png").convert("RGB").save(gif, "GIF")
+    good = (corpus_dir / "pages" / "typewriter.png").read_bytes()
+    out = decoder.decode([_page(gif.getvalue(), "scan.png"), _page(good, "good")])
+    assert isinstance(out[0], PageDecodeError)
+    assert str(out[0]).startswith("GIF images are not supported"), str(out[0])
+    assert 'File "' not in str(out[0]) and ".py" not in str(out[0])
+    assert not isinstance(out[1], Exception)
+
+
+def test_dali_errors_give_their_reason_not_the_quoted_frame() -> None:
+    """DALI quotes the pipeline definition's stack frame before the reason; the page's
+    error text is the reason."""
+    from orchestrator.decode import _first_line
+
+    dali = ('Critical error in pipeline:\nError in CPU operator `nvidia.dali.fn.decoders.image`,'
+            '\nwhich was used in the pipeline definition with the following traceback:\n\n'
+            '  File "/x/dali_pipelines/layout_preprocess.py", line 56, in _layout_graph\n'
+            '    image = fn.decoders.image(data, device=decoder_device)\n\nencountered:\n\n'
+            'Unsupported image type\nCurrent pipeline object is no longer valid.')
+    assert _first_line(RuntimeError(dali)) == "Unsupported image type"
+    frame_only = dali.partition("encountered:")[0]
+    assert _first_line(RuntimeError(frame_only)) == "RuntimeError"
 
 
 def test_pixel_limit_is_checked_from_the_header_before_decoding() -> None:

@@ -202,8 +202,11 @@ def test_bad_inputs_become_error_rows_and_the_run_goes_on(
     for name, words in expect_error.items():
         status, error = rows[(name, 1)]
         assert status == "error" and error and words.lower() in error.lower(), (name, error)
-    # Truncated JPEG: either a clear decode error or a (partly grey) page that OCRs.
-    assert rows[("truncated.jpg", 1)][0] in ("ok", "error")
+    # Truncated JPEG (2,000 of its bytes): an error row that says what is wrong with the
+    # bytes, not a stack frame or the decoder's bare "Failed to decode sample".
+    status, error = rows[("truncated.jpg", 1)]
+    assert status == "error" and (error or "").startswith("cannot decode image:"), error
+    assert "truncated" in (error or "") and 'File "' not in (error or ""), error
     # The valid-but-odd PDFs give an empty or normal result, never a crash.
     for name in ("blank.pdf", "no_contents.pdf", "trivial.pdf", "kcs.pdf", "enormous.pdf"):
         assert (name, 1) in rows

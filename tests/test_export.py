@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from orchestrator.config import SinkConfig, SourceConfig
-from orchestrator.errors import SinkError, SourceError
+from orchestrator.errors import NotAFolioDatabase, SinkError, SourceError
 from orchestrator.export import compact, export_jsonl, export_markdown
 from orchestrator.markdown import join_lines, page_markdown, paragraphs
 from orchestrator.show import render_page, resolve_page
@@ -188,7 +188,7 @@ def test_compact(tmp_path: Path) -> None:
     assert conn.execute("SELECT COUNT(*) FROM lines").fetchone()[0] == 3 * 6
     with pytest.raises(SinkError, match="exists"):
         compact(db, out)
-    with pytest.raises(SinkError, match="not found"):
+    with pytest.raises(NotAFolioDatabase, match="not found"):
         export_jsonl(tmp_path / "missing.db", tmp_path / "x.jsonl")
 
 

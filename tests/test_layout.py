@@ -343,7 +343,8 @@ def test_layout_result_applies_label_tasks() -> None:
     assert result.regions[2].bbox == (1.0, 1.0, 9.0, 9.0)
     assert isinstance(result.regions[0].score, float)
     covered = cover_page(result, None, LinesConfig(), cfg)
-    assert [r.label for r in covered.regions] == ["text", "header", "table", "equation",
+    # the header is furniture: read in its place from the top, as a full-width block
+    assert [r.label for r in covered.regions] == ["header", "text", "table", "equation",
                                                   "mystery"]
     assert [r.index for r in covered.regions] == list(range(5))
 

@@ -94,8 +94,26 @@ def test_same_document_twice_is_read_once(corpus: Path) -> None:
 
 
 def test_every_source_is_a_page_source(corpus: Path) -> None:
-    for source in open_sources([corpus / "pages"], CFG):
+    documents = [p for p in (corpus / "pages").iterdir() if p.suffix in (".png", ".pdf")]
+    opened = list(open_sources([corpus / "pages"], CFG))
+    assert len(opened) == len(documents) >= 10
+    for source in opened:
         assert isinstance(source, PageSource)
+
+
+def test_a_symlink_loop_given_as_a_source_is_an_error_page(corpus: Path, tmp_path: Path
+                                                           ) -> None:
+    """As inside a folder: the loop is its own error page, the sources beside it are read."""
+    (tmp_path / "a.png").symlink_to(tmp_path / "b.png")
+    (tmp_path / "b.png").symlink_to(tmp_path / "a.png")
+    good = corpus / "pages" / "linn.png"
+    pages = _pages([tmp_path / "a.png", good])
+    assert [p.ref.page for p in pages] == [1, 1]
+    assert pages[0].ref.source == str(tmp_path / "a.png")
+    assert pages[0].error is not None and "symlink loop" in pages[0].error
+    assert pages[1].ref.source == str(good.resolve()) and pages[1].data is not None
+    inside = _pages([tmp_path])  # the same loop met inside a folder
+    assert len(inside) == 2 and all(p.error and "symbolic links" in p.error for p in inside)
 
 
 # ---------------------------------------------------------------------------- images
@@ -352,8 +370,10 @@ def test_bad_pdfs_give_clear_errors_never_exceptions(corpus: Path, tmp_path: Pat
     assert invalid.error == "cannot open PDF: Failed to load document (PDFium: Data format error)."
     truncated = tmp_path / "truncated.pdf"
     truncated.write_bytes((corpus / "pages" / "cardinal.pdf").read_bytes()[:2000])
-    for page in _pages([truncated]):
-        assert page.error is not None or page.pixels is not None
+    cut = _pages([truncated])
+    assert cut, "a truncated PDF yields at least its error page"
+    for page in cut:
+        assert (page.error is None) != (page.pixels is None), page
     for name in ("blank.pdf", "no_contents.pdf", "trivial.pdf", "kcs.pdf"):
         (page,) = _pages([corpus / "bad" / name])
         assert page.error is None and page.pixels is not None, name
@@ -376,6 +396,47 @@ def test_a_page_that_fails_to_render_does_not_stop_the_document(
     assert [p.ref.page for p in pages] == [1, 2, 3, 4]
     assert pages[1].error == "cannot render page: boom"
     assert all(p.pixels is not None for p in (pages[0], pages[2], pages[3]))
+
+
+def test_a_pdf_whose_count_lies_does_not_give_an_error_row_per_declared_page(
+    corpus: Path, tmp_path: Path
+) -> None:
+    """One real page under a /Count of 1,000,000: the real page, a few error pages, then
+    one error page for the rest, in well under a second (not 999,999 error rows)."""
+    import itertools
+    import time
+
+    data = (corpus / "pages" / "c03-29.pdf").read_bytes()
+    assert data.count(b"/Count 1 ") == 1
+    lying = tmp_path / "lying.pdf"
+    lying.write_bytes(data.replace(b"/Count 1 ", b"/Count 1000000 "))
+    start = time.monotonic()
+    pages = list(itertools.islice(open_sources([lying], CFG).pages(), 100))
+    assert time.monotonic() - start < 5
+    assert len(pages) <= 2 + sources_mod.PDF_LOAD_FAILURES_BEFORE_PROBE
+    assert pages[0].pixels is not None and pages[0].error is None
+    assert all(p.error is not None for p in pages[1:])
+    last = pages[-1].error or ""
+    assert f"pages {len(pages)}-1000000 not read" in last and "/Count" in last
+
+
+def test_a_damaged_run_of_pages_does_not_end_the_document(
+    corpus: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pages that fail to load in a row, with good pages after them: every page is read."""
+    path = corpus / "pages" / "multipage.pdf"
+    monkeypatch.setattr(sources_mod, "PDF_LOAD_FAILURES_BEFORE_PROBE", 2)
+    real = pdfium.PdfDocument.__getitem__
+
+    def damaged(self: pdfium.PdfDocument, index: int) -> object:
+        if index in (1, 2, 3):
+            raise pdfium.PdfiumError("Failed to load page.")
+        return real(self, index)
+
+    monkeypatch.setattr(pdfium.PdfDocument, "__getitem__", damaged)
+    pages = _pages([path])
+    assert [p.ref.page for p in pages] == [1, 2, 3, 4, 5, 6]
+    assert [p.error is None for p in pages] == [True, False, False, False, True, True]
 
 
 def test_pdf_skip_and_load_page(corpus: Path) -> None:

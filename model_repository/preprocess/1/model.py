@@ -2,7 +2,8 @@
 
 A thin adapter over ``orchestrator.triton_stages.PreprocessStage`` (the DALI pipeline of
 ``dali_pipelines.layout_preprocess`` on the CPU). A page that is not an image, is empty or
-is over ``sources.max_pixels`` fails its own request only.
+is over ``sources.max_pixels`` fails its own request only, with INVALID_ARG (the request's
+fault, not the server's).
 """
 
 import json
@@ -10,7 +11,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from orchestrator.triton_stages import PreprocessStage, format_error, stage_config
+from orchestrator.triton_stages import PreprocessStage, format_error, is_client_error, stage_config
 
 
 class TritonPythonModel:
@@ -35,7 +36,11 @@ class TritonPythonModel:
             failed = [r for r in mine if isinstance(r, Exception)]
             if failed or not mine:
                 message = format_error(failed[0]) if failed else "PageDecodeError: no image"
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)))
+                bad_input = not failed or is_client_error(failed[0])
+                code = (pb_utils.TritonError.INVALID_ARG if bad_input
+                        else pb_utils.TritonError.INTERNAL)
+                responses.append(
+                    pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code)))
                 continue
             responses.append(pb_utils.InferenceResponse([
                 pb_utils.Tensor("MODEL_INPUT", np.stack([m for m, _ in mine])),
