@@ -557,7 +557,6 @@ class GpuLayoutStage:
                     return
                 with model_lane:
                     model_lane.wait(work.event)
-                    model_lane.adopt(work.decoded.images)
                     self.forward(work)
                     work.event = model_lane.record()
                 free.put((work.buffer, work.event))
