@@ -6,6 +6,7 @@ perf/RESULTS.md from drifting away from the code they measure.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -67,3 +68,20 @@ def test_bench_orient_compares_the_probes_on_the_same_verdicts(corpus_dir: Path)
     out = _run("bench_orient.py", str(corpus_dir / "pages" / "typewriter.png"))
     assert "verdicts that differ: 0 of 4" in out, out
     assert len(_ratios(out)) == 1, out
+
+
+def test_bench_layout_gpu_times_every_part_on_the_cpu(tmp_path: Path) -> None:
+    """The GPU layout stage's benchmark on the CPU: a few corpus pages, every figure."""
+    out = tmp_path / "layout.json"
+    text = _run("bench_layout_gpu.py", "--device", "cpu", "--count", "4", "--batch-size", "2",
+                "--repeats", "1", "--cuda-graph", "--json", str(out))
+    for part in ("decode only", "decode \\+ resize/normalise", "model only",
+                 "post-processing, torch", "whole stage, overlapped", "whole stage, sequential"):
+        assert re.search(rf"^  {part}: +[\d.]+ pages/s", text, re.M), (part, text)
+    assert re.search(r"ratio whole / slowest part \(\w+\): [\d.]+x", text), text
+    assert re.search(r"ratio whole / decode-only ceiling: [\d.]+x", text), text
+    assert "peak GPU memory: n/a (cpu)" in text and "batch size 2" in text
+    assert "[cuda-graph] n/a" in text
+    (eager,) = json.loads(out.read_text())["results"]
+    assert eager["failed_pages"] == 0 and eager["regions_per_page"] > 1
+    assert eager["stage_pages_s"] > 0 and eager["model_pages_s"] > 0
