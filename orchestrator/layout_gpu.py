@@ -89,6 +89,18 @@ def gpu_resident_enabled(cfg: FolioConfig, device: str) -> bool:
     return cfg.layout.gpu_resident == "on" or resolve_device(device).startswith("cuda")
 
 
+def _indexed(device: torch.device) -> torch.device:
+    """``cuda`` as ``cuda:N`` (the current device): nvJPEG, streams and events want an
+    index, and two spellings of one device must compare equal."""
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        raise ConfigError(f"layout device {device} requested but CUDA is not available")
+    if device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _dali_installed() -> bool:
     try:
         import nvidia.dali  # noqa: F401
@@ -435,11 +447,9 @@ class GpuLayoutStage:
         model: LayoutModel | None = None,
     ) -> None:
         self.cfg = cfg
-        self.device = torch.device(resolve_device(device))
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"layout device {device!r} requested but CUDA is not available")
+        self.device = _indexed(torch.device(resolve_device(device)))
         self.model = model or LayoutModel(cfg.layout, device=str(self.device))
-        if torch.device(self.model.device) != self.device:
+        if _indexed(torch.device(self.model.device)) != self.device:
             raise ConfigError(f"the layout model is on {self.model.device}, the stage on "
                               f"{self.device}")
         self.keep_pages = keep_pages
