@@ -41,6 +41,7 @@ import dataclasses
 import queue
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,6 +79,10 @@ __all__ = [
 
 # A page as a source yields it: the file's bytes, or an HWC uint8 BGR bitmap (a PDF page).
 PageInput = bytes | npt.NDArray[np.uint8]
+# torch warns (once) that a tensor over immutable bytes must not be written; the encoded
+# pages handed to nvJPEG never are.
+warnings.filterwarnings("ignore", message="The given buffer is not writable",
+                        category=UserWarning)
 # How often a thread waiting on a queue checks that its peer is still alive.
 _POLL_S = 0.2
 
@@ -173,28 +178,33 @@ class TorchDecoder:
     def __init__(self, cfg: DecodeConfig, max_pixels: int, device: torch.device) -> None:
         self.device = device
         self._max_pixels = max_pixels
-        self._cuda = device.type == "cuda"
         self._prep = Preprocessor(cfg, device)
-        if self._cuda:
-            import torchvision.io  # the CUDA path only: torchvision need not exist elsewhere
+        # torchvision's batched nvJPEG decoder, on CUDA (torchvision need not exist elsewhere).
+        self.batch_decoder: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None
+        if device.type == "cuda":
+            import torchvision.io
 
-            self._decode_jpeg: Callable[..., Any] = torchvision.io.decode_jpeg
-            self._rgb = torchvision.io.ImageReadMode.RGB
+            def nvjpeg(encoded: list[torch.Tensor]) -> list[torch.Tensor]:
+                return list(torchvision.io.decode_jpeg(
+                    encoded, mode=torchvision.io.ImageReadMode.RGB, device=device))
+
+            self.batch_decoder = nvjpeg
 
     def _upload(self, bgr: npt.NDArray[np.uint8]) -> torch.Tensor:
         host = torch.from_numpy(np.ascontiguousarray(bgr))
-        if self._cuda:
+        if self.device.type == "cuda":
             host = host.pin_memory()
         page = host.to(self.device, non_blocking=True)
         return page.permute(2, 0, 1).flip(0)  # HWC BGR -> CHW RGB (a view)
 
     def _nvjpeg(self, data: list[bytes]) -> list[torch.Tensor | PageError]:
-        # bytearray: nvJPEG reads a writable CPU tensor; the copy is ~0.1 ms a page.
-        encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
+        assert self.batch_decoder is not None
+        # nvJPEG only reads these tensors: wrapping the immutable bytes saves a copy a page.
+        encoded = [torch.frombuffer(d, dtype=torch.uint8) for d in data]
         try:
-            return list(self._decode_jpeg(encoded, mode=self._rgb, device=self.device))
+            return list(self.batch_decoder(encoded))
         except RuntimeError:
-            if len(encoded) == 1:
+            if len(encoded) == 1:  # a JPEG nvJPEG refuses (CMYK, corrupt): OpenCV's turn
                 return [self._cpu_fallback(data[0])]
         return [r for d in data for r in self._nvjpeg([d])]
 
@@ -214,7 +224,7 @@ class TorchDecoder:
                     results[i] = self._upload(item)
                     continue
                 header = read_header(item, self._max_pixels)
-                if self._cuda and header.plain_jpeg:
+                if self.batch_decoder is not None and header.plain_jpeg:
                     jpegs.append(i)
                     jpeg_data.append(item)
                 else:

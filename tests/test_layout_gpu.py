@@ -231,3 +231,56 @@ def test_cuda_only_settings_are_refused_on_the_cpu(cfg: FolioConfig, model: Layo
 def test_a_cuda_stage_without_cuda_is_a_config_error(cfg: FolioConfig) -> None:
     with pytest.raises(ConfigError, match="CUDA is not available"):
         GpuLayoutStage(cfg, device="cuda")
+
+
+def test_jpeg_routing_and_fallbacks_of_the_batch_decoder(
+    cfg: FolioConfig, pages: list[bytes | np.ndarray], corpus_dir: Path
+) -> None:
+    """On CUDA plain JPEGs go to nvJPEG in one call per batch; PNGs and EXIF-turned JPEGs
+    to OpenCV; a batch nvJPEG refuses is retried page by page, and a page it refuses alone
+    is OpenCV's. The batch decoder is stood in for here by OpenCV behind the same call,
+    refusing what it cannot read (and one planted page), as nvJPEG raises RuntimeError."""
+    import io
+
+    from PIL import Image
+
+    decoder = TorchDecoder(cfg.decode, cfg.sources.max_pixels, torch.device("cpu"))
+    calls: list[int] = []
+    refused = pages[1]  # a good JPEG the stand-in refuses, as nvJPEG refuses CMYK JPEGs
+
+    def batch_decoder(encoded: list[torch.Tensor]) -> list[torch.Tensor]:
+        calls.append(len(encoded))
+        out = []
+        for t in encoded:
+            data = t.numpy().tobytes()
+            bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+            if bgr is None or data == refused:
+                raise RuntimeError("Error while decoding JPEG images")
+            out.append(torch.from_numpy(bgr[:, :, ::-1].copy()).permute(2, 0, 1))
+        return out
+
+    decoder.batch_decoder = batch_decoder
+    bgr = load_bgr(corpus_dir / "pages" / "typewriter.png")
+    jpeg = cv2.imencode(".jpg", bgr)[1].tobytes()
+    buffer = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned: shown after a quarter turn clockwise
+    Image.fromarray(bgr[:, :, ::-1]).save(buffer, "JPEG", exif=exif)
+    turned = buffer.getvalue()
+    truncated = jpeg[: len(jpeg) // 3]
+
+    out = decoder.decode([jpeg, pages[0], turned, jpeg])
+    assert calls == [2]  # the two plain JPEGs, in one call
+    assert all(isinstance(o, torch.Tensor) for o in out)
+    h, w = bgr.shape[:2]
+    assert out[0].shape == out[3].shape == (3, h, w)
+    assert out[2].shape == (3, w, h)  # OpenCV applied the EXIF turn
+
+    calls.clear()
+    out = decoder.decode([jpeg, refused, truncated])
+    # The batch fails; page by page, the refused JPEG falls back to OpenCV, and the truncated
+    # one, which neither reads, fails alone.
+    assert calls == [3, 1, 1, 1]
+    assert isinstance(out[0], torch.Tensor) and isinstance(out[1], torch.Tensor)
+    assert out[1].shape == decoder.decode([refused])[0].shape
+    assert isinstance(out[2], PageDecodeError) and "truncated" in str(out[2])
