@@ -82,7 +82,11 @@ def cdla_rows(cfg: FolioConfig, device: torch.device, pages: list[bytes],
     rows = []
     for size in sizes:
         x = torch.randn((size, 3, h, w), device=device).to(model.input_dtype)
-        row = measured(device, size, lambda x=x: model.forward_tensors(x))
+
+        def forward(x: torch.Tensor = x) -> object:
+            return model.forward_tensors(x)
+
+        row = measured(device, size, forward)
         rows.append({"model": "cdla-model", "precision": model.precision, "batch": size, **row})
         print(rows[-1], flush=True)
         del x
@@ -90,8 +94,11 @@ def cdla_rows(cfg: FolioConfig, device: torch.device, pages: list[bytes],
         stage = GpuLayoutStage(cfg.override({"layout.batch_size": size}), device=str(device),
                                model=model)
         batches = batches_of(pages, 3 * size, size)
-        row = measured(device, 3 * size, lambda stage=stage, batches=batches: [
-            b for b in stage.run(batches)])
+
+        def run(stage: GpuLayoutStage = stage, batches: list[list[bytes]] = batches) -> object:
+            return list(stage.run(batches))
+
+        row = measured(device, 3 * size, run)
         rows.append({"model": "cdla-stage", "precision": model.precision, "batch": size,
                      "batches_in_flight": cfg.layout.batches_in_flight, **row})
         print(rows[-1], flush=True)
@@ -105,7 +112,7 @@ def doclayout_rows(device: torch.device, sizes: list[int]) -> list[dict[str, Any
 
     config = transformers.PPDocLayoutV3Config()
     model = transformers.PPDocLayoutV3ForObjectDetection(config)
-    model = model.to(device=device, dtype=torch.bfloat16).eval()
+    model = model.to(device=device, dtype=torch.bfloat16).eval()  # type: ignore[call-arg]
     params = sum(p.numel() for p in model.parameters())
     rows = []
     for size in sizes:
