@@ -67,6 +67,7 @@ from orchestrator.page_header import read_header
 from orchestrator.types import Detections, LayoutResult
 
 __all__ = [
+    "BatchWork",
     "DaliDecoder",
     "GpuLayoutStage",
     "LayoutBatch",
@@ -397,8 +398,8 @@ class LayoutBatch:
 
 
 @dataclass(slots=True)
-class _Work:
-    """A batch between the threads."""
+class BatchWork:
+    """A batch between the parts: decoded into a buffer, then the model's raw outputs."""
 
     decoded: DecodedPages
     buffer: int
@@ -480,14 +481,14 @@ class GpuLayoutStage:
 
     # -- the three parts of a batch, each usable on its own (benchmarks time them) --
 
-    def decode(self, pages: Sequence[PageInput], buffer: int = 0) -> _Work:
+    def decode(self, pages: Sequence[PageInput], buffer: int = 0) -> BatchWork:
         if len(pages) > self.batch_size:
             raise LayoutError(f"batch of {len(pages)} over layout.batch_size {self.batch_size}")
         start = time.perf_counter()
         decoded = self.decoder.decode_into(pages, self._buffers[buffer], self.keep_pages)
-        return _Work(decoded, buffer, timings={"decode_s": time.perf_counter() - start})
+        return BatchWork(decoded, buffer, timings={"decode_s": time.perf_counter() - start})
 
-    def forward(self, work: _Work) -> _Work:
+    def forward(self, work: BatchWork) -> BatchWork:
         start = time.perf_counter()
         rows = sum(r is not None for r in work.decoded.rows)
         if rows:
@@ -498,7 +499,7 @@ class GpuLayoutStage:
         work.timings["model_s"] = time.perf_counter() - start
         return work
 
-    def postprocess(self, work: _Work) -> LayoutBatch:
+    def postprocess(self, work: BatchWork) -> LayoutBatch:
         start = time.perf_counter()
         decoded = work.decoded
         sizes = [decoded.sizes[i] for i, r in enumerate(decoded.rows) if r is not None]
@@ -545,8 +546,8 @@ class GpuLayoutStage:
         free: queue.Queue[tuple[int, Any]] = queue.Queue()
         for index in range(len(self._buffers)):
             free.put((index, None))
-        to_model: queue.Queue[_Work | _End] = queue.Queue(maxsize=len(self._buffers))
-        to_post: queue.Queue[_Work | _End] = queue.Queue(maxsize=1)
+        to_model: queue.Queue[BatchWork | _End] = queue.Queue(maxsize=len(self._buffers))
+        to_post: queue.Queue[BatchWork | _End] = queue.Queue(maxsize=1)
         stop = threading.Event()
         decode_lane, model_lane, post_lane = (_Lane(self.device) for _ in range(3))
 
