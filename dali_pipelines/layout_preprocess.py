@@ -12,10 +12,10 @@ nvJPEG (``decoder_device="mixed"``) on a GPU, inside the Triton python model, an
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -38,6 +38,31 @@ class PreprocessedPage:
     height: int
     width: int
     image: npt.NDArray[np.uint8] | None  # (h, w, 3) BGR full resolution, when kept
+
+
+@dataclass(slots=True)
+class TensorPage:
+    """A preprocessed page as torch tensors on the pipeline's device (CUDA or CPU)."""
+
+    model_input: Any  # torch.Tensor (3, H, W) float32
+    height: int
+    width: int
+    image: Any | None  # torch.Tensor (h, w, 3) uint8 BGR full resolution, when kept
+
+
+def _to_torch(sample: Any, dtype: Any, device: Any) -> Any:
+    """One DALI output sample as a torch tensor on ``device``; a GPU sample is copied
+    device to device on torch's current stream, never through the host."""
+    import torch
+    from nvidia.dali.backend import TensorGPU
+
+    if isinstance(sample, TensorGPU):
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        out = torch.empty(tuple(sample.shape()), dtype=dtype, device=device)
+        feed_ndarray(sample, out, cuda_stream=torch.cuda.current_stream(out.device))
+        return out
+    return torch.from_numpy(np.array(sample, copy=True)).to(device)
 
 
 @pipeline_def(enable_conditionals=False)
@@ -136,6 +161,9 @@ def serialize_pipeline(path: Path, cfg: DecodeConfig, max_batch_size: int) -> Pa
     return path
 
 
+_Page = TypeVar("_Page", PreprocessedPage, TensorPage)
+
+
 class LayoutPreprocessor:
     """Runs the pipeline over batches of pages, isolating bad samples.
 
@@ -185,10 +213,33 @@ class LayoutPreprocessor:
         pipe.feed_input(self._input_name, arrays)
         outputs = pipe.run()
         outputs = tuple(o.as_cpu() if hasattr(o, "as_cpu") else o for o in outputs)
+        return self._host_pages(outputs, len(arrays))
+
+    def _run_batch_tensors(self, arrays: list[npt.NDArray[np.uint8]]) -> list[TensorPage]:
+        import torch
+
+        pipe = self._pipeline()
+        pipe.feed_input(self._input_name, arrays)
+        model_input, sizes, *rest = pipe.run()
+        device = (torch.device("cuda", self._cfg.device_id) if self._device_id is not None
+                  else torch.device("cpu"))
+        sizes = sizes.as_cpu() if hasattr(sizes, "as_cpu") else sizes
+        pages: list[TensorPage] = []
+        for i in range(len(arrays)):
+            h, w = (int(v) for v in np.asarray(sizes[i]))
+            pages.append(TensorPage(
+                model_input=_to_torch(model_input[i], torch.float32, device),
+                height=h,
+                width=w,
+                image=_to_torch(rest[0][i], torch.uint8, device) if self._keep_full else None,
+            ))
+        return pages
+
+    def _host_pages(self, outputs: tuple[Any, ...], count: int) -> list[PreprocessedPage]:
         model_input = outputs[0]
         sizes = outputs[1]
         pages: list[PreprocessedPage] = []
-        for i in range(len(arrays)):
+        for i in range(count):
             h, w = (int(v) for v in np.asarray(sizes[i]))
             # Copies: DALI reuses its output buffers on the next run(), and these arrays
             # outlive it (queued for layout, kept for cropping).
@@ -205,6 +256,20 @@ class LayoutPreprocessor:
         self, items: Sequence[bytes | npt.NDArray[np.uint8]]
     ) -> list[PreprocessedPage | Exception]:
         """Preprocess up to ``max_batch_size`` pages; a failed page yields its exception."""
+        return self._isolated(items, self._run_batch)
+
+    def run_tensors(
+        self, items: Sequence[bytes | npt.NDArray[np.uint8]]
+    ) -> list[TensorPage | Exception]:
+        """As ``run``, the outputs as torch tensors on the pipeline's device: on a GPU the
+        decoded page and model input never visit the host."""
+        return self._isolated(items, self._run_batch_tensors)
+
+    def _isolated(
+        self,
+        items: Sequence[bytes | npt.NDArray[np.uint8]],
+        run_batch: Callable[[list[npt.NDArray[np.uint8]]], Sequence[_Page]],
+    ) -> list[_Page | Exception]:
         if len(items) > self._cfg.batch_size:
             raise ValueError(f"batch of {len(items)} exceeds batch_size {self._cfg.batch_size}")
         if not items:
@@ -216,14 +281,14 @@ class LayoutPreprocessor:
         ]
         with self._lock:
             try:
-                return list(self._run_batch(arrays))
+                return list(run_batch(arrays))
             except Exception:
                 # A failed run can leave the pipeline unusable: rebuild, then isolate.
                 self._pipe = None
-            results: list[PreprocessedPage | Exception] = []
+            results: list[_Page | Exception] = []
             for array in arrays:
                 try:
-                    results.append(self._run_batch([array])[0])
+                    results.append(run_batch([array])[0])
                 except Exception as exc:
                     self._pipe = None
                     results.append(exc)

@@ -102,6 +102,10 @@ class DecodeConfig:
     # The probe lines' recogniser arithmetic, as recognize.precision (auto: bf16 where the
     # CPU computes it natively).
     orient_precision: str = "auto"
+    # The GPU-resident layout stage's JPEG decoder: "dali" (DALI's "mixed" nvJPEG decoder and
+    # its resize/normalise graph), "torch" (torchvision's batched nvJPEG on CUDA, OpenCV on
+    # the CPU; torch resize/normalise), "auto" (dali where DALI is installed, else torch).
+    gpu_decoder: str = "auto"
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +174,16 @@ class LayoutConfig:
     # At most this many (box, class) candidates per page enter NMS, the highest-scoring:
     # bounds its n x n matrices (a page rarely has more than a few hundred).
     max_candidates: int = 2000
+    # The GPU-resident stage (orchestrator.layout_gpu: decode, resize, model and
+    # post-processing on the device, only boxes to the host): "auto" when the layout device
+    # is CUDA, "on" on any device (the CPU runs the same code), "off".
+    gpu_resident: str = "auto"
+    # Model-input buffers of that stage: batches decoded ahead of the model. 2 lets batch
+    # n+1 decode while the model runs batch n and batch n-1 is post-processed.
+    batches_in_flight: int = 2
+    # Replay the model as a CUDA graph captured at batch_size (CUDA only; a short last
+    # batch is padded). torch.compile cannot compile the TorchScript artifacts.
+    cuda_graph: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -403,6 +417,11 @@ def validate(cfg: FolioConfig) -> None:
         (cfg.triton.retries >= 0, "triton.retries must be >= 0"),
         (cfg.triton.ready_wait_s >= 0, "triton.ready_wait_s must be >= 0"),
         (cfg.triton.connect_wait_s > 0, "triton.connect_wait_s must be > 0"),
+        (cfg.layout.gpu_resident in ("auto", "on", "off"),
+         "layout.gpu_resident must be auto|on|off"),
+        (cfg.layout.batches_in_flight >= 1, "layout.batches_in_flight must be >= 1"),
+        (cfg.decode.gpu_decoder in ("auto", "dali", "torch"),
+         "decode.gpu_decoder must be auto|dali|torch"),
         ((cfg.decode.input_height, cfg.decode.input_width)
          == (cfg.layout.input_height, cfg.layout.input_width),
          "decode.input_height/input_width must equal layout.input_height/input_width "

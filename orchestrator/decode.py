@@ -15,18 +15,17 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from dali_pipelines.layout_preprocess import LayoutPreprocessor, PreprocessedPage
 from orchestrator.config import DecodeConfig, LinesConfig, SourceConfig
-from orchestrator.errors import PageDecodeError, PageError, PixelLimitExceeded
+from orchestrator.errors import PageDecodeError, PageError
 from orchestrator.orient import OrientationDetector, rotate_clockwise
+from orchestrator.page_header import check_encoded
 from orchestrator.textlines import LineDetector
 from orchestrator.types import DecodedPage, EncodedPage
 
-# folio enforces its own explicit limit (sources.max_pixels) from the header, so PIL's
-# implicit one must not fire first with a different message.
-Image.MAX_IMAGE_PIXELS = None
+__all__ = ["Decoder", "check_encoded", "resolve_device"]
 
 
 def resolve_device(requested: str) -> str:
@@ -39,38 +38,6 @@ def resolve_device(requested: str) -> str:
         return "gpu" if torch.cuda.is_available() else "cpu"
     except ImportError:  # pragma: no cover - torch is a dependency
         return "cpu"
-
-
-# What DALI's image decoder reads, as PIL names the formats (MPO: a JPEG with extra
-# frames); anything else (GIF, ICO, PSD...) would fail inside DALI with an opaque message.
-DECODABLE_FORMATS = frozenset({"JPEG", "MPO", "PNG", "TIFF", "JPEG2000", "BMP", "PPM", "WEBP"})
-
-
-def check_encoded(data: bytes, max_pixels: int) -> tuple[int, int]:
-    """Read the image header only; return (width, height) or raise a PageError."""
-    if not data:
-        raise PageDecodeError("file is empty (0 bytes)")
-    try:
-        with Image.open(io.BytesIO(data)) as header:
-            width, height = header.size
-            kind = str(header.format)
-    except UnidentifiedImageError as exc:
-        raise PageDecodeError(
-            f"not a recognised image format ({len(data)} bytes, starts with {data[:8]!r})"
-        ) from exc
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise PageDecodeError(f"unreadable image header: {exc}") from exc
-    if kind not in DECODABLE_FORMATS:
-        raise PageDecodeError(
-            f"{kind} images are not supported (folio decodes JPEG, PNG, TIFF, JPEG 2000, BMP, "
-            "PNM and WebP); convert the file"
-        )
-    if width * height > max_pixels:
-        raise PixelLimitExceeded(
-            f"image is {width} x {height} = {width * height:,} px, over the limit of "
-            f"{max_pixels:,} px (sources.max_pixels)"
-        )
-    return width, height
 
 
 _DALI_NOISE = ("Critical error", "Error in CPU operator", "Error in MIXED operator",

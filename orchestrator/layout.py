@@ -145,6 +145,35 @@ class LayoutModel:
         except RuntimeError as exc:
             raise LayoutError(f"layout model failed on a batch of {len(array)}: {exc}") from exc
 
+    @property
+    def input_dtype(self) -> Any:
+        """The torch dtype a device-resident input batch is built in: the model's own
+        (a BF16 artifact's first op casts its input to BF16, so BF16 input skips a pass)."""
+        import torch
+
+        return torch.bfloat16 if self.precision == "bf16" else torch.float32
+
+    @property
+    def module(self) -> Any:
+        """The loaded TorchScript module (on ``device``)."""
+        return self._module
+
+    def forward_tensors(self, batch: Any) -> list[Any]:
+        """Raw outputs, as float32 tensors left on the device, for a (B, 3, H, W) tensor
+        already on the model's device (float32, or ``input_dtype``)."""
+        import torch
+
+        if batch.dim() != 4 or tuple(batch.shape[1:]) != self.input_shape:
+            raise LayoutError(
+                f"layout input must be (B, {', '.join(map(str, self.input_shape))}), "
+                f"got {tuple(batch.shape)}"
+            )
+        try:
+            with torch.inference_mode():
+                return list(self._module(batch))
+        except RuntimeError as exc:
+            raise LayoutError(f"layout model failed on a batch of {len(batch)}: {exc}") from exc
+
     def detect(
         self, batch: npt.NDArray[np.float32], page_sizes: Sequence[tuple[int, int]]
     ) -> list[Detections]:

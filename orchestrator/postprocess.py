@@ -18,6 +18,9 @@ or more inside a higher-scoring box of the same task is dropped); the survivors 
 rescaled from the model's input size to the page, clipped to the page, stripped of empty
 boxes and sorted into reading order (``reading_order``).
 
+``orchestrator.postprocess_torch`` is the same algorithm on tensors (any device, the whole
+batch at once); both share ``plan_outputs`` and ``reading_order`` and one test suite.
+
 Usage::
 
     dets = postprocess(raw_outputs, [(height, width)], cfg.layout, labels)
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -39,6 +43,7 @@ from orchestrator.types import Detections
 
 __all__ = [
     "DEFAULT_TASK",
+    "OutputPlan",
     "anchor_centers",
     "class_thresholds",
     "containment_matrix",
@@ -47,6 +52,8 @@ __all__ = [
     "iou_matrix",
     "label_task",
     "nms",
+    "page_detections",
+    "plan_outputs",
     "postprocess",
     "reading_order",
     "suppress_contained",
@@ -341,6 +348,85 @@ def empty_detections() -> Detections:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class OutputPlan:
+    """What both post-processing implementations derive from the config, labels and output
+    shapes, after checking they fit together (``plan_outputs``)."""
+
+    levels: int
+    batch: int
+    num_classes: int
+    thresholds: npt.NDArray[np.float32]  # per class
+    min_threshold: float
+    class_task: npt.NDArray[np.int64]  # per class: index of its task (containment groups)
+    centers: tuple[npt.NDArray[np.float64], ...]  # per level: (N, 2) anchor centres x, y
+
+
+def plan_outputs(
+    shapes: Sequence[Sequence[int]],
+    page_sizes: Sequence[tuple[int, int]],
+    cfg: LayoutConfig,
+    labels: Sequence[str],
+) -> OutputPlan:
+    """Check the raw outputs' shapes against the config and labels; the shared constants.
+
+    ``shapes``: the shape of each raw output, in manifest order (scores, then distributions).
+    """
+    if cfg.top_k_per_level < 1 or cfg.max_candidates < 1:
+        raise ConfigError("layout.top_k_per_level and layout.max_candidates must be >= 1")
+    levels = len(shapes) // 2
+    if levels == 0 or len(shapes) != 2 * levels:
+        raise LayoutError(f"expected score and box outputs per level, got {len(shapes)} outputs")
+    if len(cfg.strides) != levels:
+        raise LayoutError(
+            f"layout.strides has {len(cfg.strides)} entries but the model has {levels} levels"
+        )
+    batch = int(shapes[0][0])
+    if len(page_sizes) != batch:
+        raise LayoutError(f"{len(page_sizes)} page sizes for a batch of {batch}")
+    num_classes = int(shapes[0][-1])
+    if num_classes != len(labels):
+        raise LayoutError(f"the model has {num_classes} classes but {len(labels)} labels")
+
+    thresholds = class_thresholds(cfg, labels)
+    task_names = sorted({label_task(label, cfg) for label in labels})
+    class_task = np.array([task_names.index(label_task(lb, cfg)) for lb in labels], np.int64)
+    centers = []
+    for level, stride in enumerate(cfg.strides):
+        c = anchor_centers(cfg.input_height, cfg.input_width, stride)
+        if c.shape[0] != int(shapes[level][1]):
+            raise LayoutError(
+                f"level {level}: {shapes[level][1]} anchors, but a "
+                f"{cfg.input_height}x{cfg.input_width} input at stride {stride} has {c.shape[0]}"
+            )
+        centers.append(c)
+    return OutputPlan(
+        levels=levels,
+        batch=batch,
+        num_classes=num_classes,
+        thresholds=thresholds,
+        min_threshold=float(thresholds.min()),
+        class_task=class_task,
+        centers=tuple(centers),
+    )
+
+
+def page_detections(
+    boxes: FloatArray,
+    scores: FloatArray,
+    classes: IntArray,
+    width: int,
+    cfg: LayoutConfig,
+) -> Detections:
+    """One page's final boxes (page pixels) in reading order, as float32/int32 arrays."""
+    order = reading_order(boxes, width, cfg)
+    return Detections(
+        boxes=np.ascontiguousarray(np.asarray(boxes)[order], dtype=np.float32),
+        scores=np.ascontiguousarray(np.asarray(scores)[order], dtype=np.float32),
+        classes=np.ascontiguousarray(np.asarray(classes)[order], dtype=np.int32),
+    )
+
+
 def postprocess(
     raw: Sequence[npt.NDArray[np.floating]],
     page_sizes: Sequence[tuple[int, int]],
@@ -353,37 +439,11 @@ def postprocess(
     (sigmoid applied) then the per-level box distributions (B, N, 4 * bins).
     ``page_sizes``: (height, width) of each page in pixels. Boxes come back in page pixels.
     """
-    if cfg.top_k_per_level < 1 or cfg.max_candidates < 1:
-        raise ConfigError("layout.top_k_per_level and layout.max_candidates must be >= 1")
-    levels = len(raw) // 2
-    if levels == 0 or len(raw) != 2 * levels:
-        raise LayoutError(f"expected score and box outputs per level, got {len(raw)} outputs")
-    if len(cfg.strides) != levels:
-        raise LayoutError(
-            f"layout.strides has {len(cfg.strides)} entries but the model has {levels} levels"
-        )
-    score_maps = [np.asarray(r) for r in raw[:levels]]
-    dist_maps = [np.asarray(r) for r in raw[levels:]]
-    batch = score_maps[0].shape[0]
-    if len(page_sizes) != batch:
-        raise LayoutError(f"{len(page_sizes)} page sizes for a batch of {batch}")
-    num_classes = score_maps[0].shape[-1]
-    if num_classes != len(labels):
-        raise LayoutError(f"the model has {num_classes} classes but {len(labels)} labels")
-
-    thresholds = class_thresholds(cfg, labels)
-    min_threshold = float(thresholds.min())
-    task_names = sorted({label_task(label, cfg) for label in labels})
-    class_task = np.array([task_names.index(label_task(lb, cfg)) for lb in labels], np.int64)
-    centers = []
-    for level, stride in enumerate(cfg.strides):
-        c = anchor_centers(cfg.input_height, cfg.input_width, stride)
-        if c.shape[0] != score_maps[level].shape[1]:
-            raise LayoutError(
-                f"level {level}: {score_maps[level].shape[1]} anchors, but a "
-                f"{cfg.input_height}x{cfg.input_width} input at stride {stride} has {c.shape[0]}"
-            )
-        centers.append(c)
+    arrays = [np.asarray(r) for r in raw]
+    plan = plan_outputs([a.shape for a in arrays], page_sizes, cfg, labels)
+    score_maps = arrays[: plan.levels]
+    dist_maps = arrays[plan.levels :]
+    num_classes, thresholds = plan.num_classes, plan.thresholds
 
     results: list[Detections] = []
     for page, (height, width) in enumerate(page_sizes):
@@ -392,7 +452,7 @@ def postprocess(
             level_scores = score_maps[level][page]
             # Anchors with any class at or above the lowest threshold: one flat comparison
             # (a max over the short class axis costs several times more).
-            hits = np.flatnonzero(level_scores >= min_threshold)
+            hits = np.flatnonzero(level_scores >= plan.min_threshold)
             if hits.size == 0:
                 continue
             idx = np.unique(hits // num_classes)
@@ -405,7 +465,7 @@ def postprocess(
             if anchor.size == 0:
                 continue
             rows_l.append(dist_maps[level][page][idx[anchor]])
-            centers_l.append(centers[level][idx[anchor]])
+            centers_l.append(plan.centers[level][idx[anchor]])
             strides_l.append(np.full(anchor.size, stride, dtype=np.float64))
             scores_l.append(scores[anchor, cls])
             classes_l.append(cls)
@@ -424,7 +484,7 @@ def postprocess(
 
         keep = nms(boxes, scores, cfg.nms_iou, classes)
         boxes, scores, classes = boxes[keep], scores[keep], classes[keep]
-        kept = suppress_contained(boxes, class_task[classes], cfg.containment)
+        kept = suppress_contained(boxes, plan.class_task[classes], cfg.containment)
         boxes, scores, classes = boxes[kept], scores[kept], classes[kept]
 
         scale = np.array(
@@ -434,14 +494,5 @@ def postprocess(
         boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0.0, float(width))
         boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0.0, float(height))
         solid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        boxes, scores, classes = boxes[solid], scores[solid], classes[solid]
-
-        order = reading_order(boxes, width, cfg)
-        results.append(
-            Detections(
-                boxes=np.ascontiguousarray(boxes[order], dtype=np.float32),
-                scores=np.ascontiguousarray(scores[order], dtype=np.float32),
-                classes=np.ascontiguousarray(classes[order], dtype=np.int32),
-            )
-        )
+        results.append(page_detections(boxes[solid], scores[solid], classes[solid], width, cfg))
     return results

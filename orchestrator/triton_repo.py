@@ -8,8 +8,10 @@ dynamic-batching settings). ``build_repository`` renders one target:
   torch, the package's post-processing), KIND_CPU: for the tritonserver bundled in
   nvidia-pytriton (``folio serve``);
 - ``gpu``: ``preprocess`` on the dali backend from a serialised ``model.dali`` (nvJPEG),
-  ``layout`` on pytorch_libtorch with the BF16 TorchScript, KIND_GPU; ``postprocess``
-  on the python backend: for NGC ``tritonserver`` images (``deploy/docker-compose.yml``).
+  ``layout`` on pytorch_libtorch with the BF16 TorchScript, ``postprocess`` on the python
+  backend taking the raw outputs as GPU tensors (DLPack, ``FORCE_CPU_ONLY_INPUT_TENSORS``
+  off) and post-processing them in torch there, all KIND_GPU: only boxes leave the GPU.
+  For NGC ``tritonserver`` images (``deploy/docker-compose.yml``).
 
 Usage::
 
@@ -37,7 +39,12 @@ from typing import Any
 from orchestrator.config import FolioConfig, load_config
 from orchestrator.errors import ConfigError, ModelArtifactError
 from orchestrator.paths import cache_dir, template_root
-from orchestrator.triton_stages import CONFIG_PARAMETER, DEFAULT_HEAD, config_parameter
+from orchestrator.triton_stages import (
+    CONFIG_PARAMETER,
+    DEFAULT_HEAD,
+    POSTPROCESS_DEVICES,
+    config_parameter,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +54,8 @@ ENSEMBLE = "folio_layout"
 STEPS = ("preprocess", "layout", "postprocess")
 LAYOUT_INPUT = "MODEL_INPUT__0"
 RAW_OUTPUT = "RAW__{}"  # libtorch's <name>__<index> convention, used on both targets
+# The python backend hands a model GPU tensors only when this parameter says "no".
+GPU_INPUT_PARAMETER = "FORCE_CPU_ONLY_INPUT_TENSORS"
 ENSEMBLE_OUTPUTS = {"BOXES": ("TYPE_FP32", [-1, 4]),
                     "SCORES": ("TYPE_FP32", [-1]),
                     "CLASSES": ("TYPE_INT32", [-1])}
@@ -75,6 +84,7 @@ class TargetSettings:
     layout_precision: str
     decode_threads: int
     steps: Mapping[str, StepSettings]
+    postprocess_device: str = "cpu"  # "gpu": torch on the raw outputs where they are
 
 
 def default_out(target: str) -> Path:
@@ -106,7 +116,10 @@ def load_targets(path: Path = TEMPLATE_ROOT / "targets.toml") -> dict[str, Targe
             layout_precision=str(row["layout_precision"]),
             decode_threads=int(row.get("decode_threads", 1)),
             steps=steps,
+            postprocess_device=str(row.get("postprocess_device", "cpu")),
         )
+        if targets[name].postprocess_device not in POSTPROCESS_DEVICES:
+            raise ConfigError(f"{path}: [{name}] postprocess_device must be cpu|gpu")
     return targets
 
 
@@ -227,8 +240,11 @@ def template_values(
     values["preprocess_parameters"] = _parameters(pre)
     values["layout_parameters"] = _parameters(lay)
     head = str(artifacts.manifest.get("head", {}).get("postprocess", DEFAULT_HEAD))
-    values["postprocess_parameters"] = _parameters(
-        {CONFIG_PARAMETER: baked, "labels": labels, "postprocess": head})
+    post = {CONFIG_PARAMETER: baked, "labels": labels, "postprocess": head,
+            "postprocess_device": target.postprocess_device}
+    if target.postprocess_device == "gpu":
+        post[GPU_INPUT_PARAMETER] = "no"
+    values["postprocess_parameters"] = _parameters(post)
     return values
 
 
@@ -442,6 +458,16 @@ def validate_repository(root: Path) -> dict[str, Any]:
         if backend == "python" and CONFIG_PARAMETER not in cfg.parameters:
             problems.append(
                 f"{step.model_name}: python step lacks parameters[{CONFIG_PARAMETER!r}]")
+        device = cfg.parameters["postprocess_device"].string_value if (
+            "postprocess_device" in cfg.parameters) else "cpu"
+        if device == "gpu":
+            gpu_inputs = (GPU_INPUT_PARAMETER in cfg.parameters
+                          and cfg.parameters[GPU_INPUT_PARAMETER].string_value == "no")
+            if not gpu_inputs:
+                problems.append(f"{step.model_name}: postprocess_device gpu needs "
+                                f"parameters[{GPU_INPUT_PARAMETER!r}] = \"no\"")
+            if any(g.kind != pb.ModelInstanceGroup.KIND_GPU for g in cfg.instance_group):
+                problems.append(f"{step.model_name}: postprocess_device gpu needs KIND_GPU")
     for name, spec in want.items():
         got = produced.get(name)
         if got is None:

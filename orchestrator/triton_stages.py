@@ -26,6 +26,7 @@ import numpy.typing as npt
 
 from orchestrator.config import FolioConfig, load_config
 from orchestrator.errors import (
+    ConfigError,
     FolioError,
     LayoutError,
     PageDecodeError,
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 
 # The model-config parameter that carries the folio configuration baked in at build time.
 CONFIG_PARAMETER = "folio_config"
+# Where the postprocess step works on the raw outputs (its "postprocess_device" parameter).
+POSTPROCESS_DEVICES = ("cpu", "gpu")
 # Error classes a server-side message can name; the client maps them back.
 _ERRORS: dict[str, type[FolioError]] = {
     cls.__name__: cls for cls in (PageDecodeError, PixelLimitExceeded, PageError, LayoutError)
@@ -176,21 +179,55 @@ class PostprocessStage:
 
     ``kind`` is the manifest's ``head.postprocess``: the default (CDLA PP-PicoDet) runs
     ``orchestrator.postprocess.postprocess``; ``"doclayout"`` (an exported PP-DocLayoutV3)
-    runs ``orchestrator.export_doclayout.postprocess_doclayout``.
+    runs ``orchestrator.export_doclayout.postprocess_doclayout``. ``device`` is where the
+    raw outputs are worked on: ``"cpu"`` (numpy arrays, no torch needed), or ``"gpu"``
+    (torch tensors wherever Triton put them, taken through DLPack without a copy, and
+    ``orchestrator.postprocess_torch``: only the final boxes reach the host).
     """
 
-    def __init__(self, cfg: FolioConfig, labels: Sequence[str], kind: str = DEFAULT_HEAD) -> None:
+    def __init__(
+        self,
+        cfg: FolioConfig,
+        labels: Sequence[str],
+        kind: str = DEFAULT_HEAD,
+        device: str = "cpu",
+    ) -> None:
+        if device not in POSTPROCESS_DEVICES:
+            raise ConfigError(f"postprocess device must be cpu|gpu, got {device!r}")
         self._cfg = cfg.layout
         self.labels = list(labels)
         self.kind = kind
+        self.device = device
 
-    def __call__(
-        self, raw: Sequence[npt.NDArray[np.float32]], page_sizes: npt.NDArray[np.int32]
-    ) -> list[Detections]:
+    def array(self, tensor: Any) -> Any:
+        """A Triton input tensor as this stage works on it (numpy, or torch via DLPack)."""
+        if self.device == "cpu":
+            return tensor.as_numpy()
+        from torch.utils.dlpack import from_dlpack
+
+        return from_dlpack(tensor.to_dlpack())
+
+    def concatenate(self, arrays: Sequence[Any]) -> Any:
+        """Several requests' inputs as one batch, on the device they are on."""
+        if self.device == "cpu":
+            return np.concatenate(arrays)
+        import torch
+
+        return torch.cat(list(arrays))
+
+    def __call__(self, raw: Sequence[Any], page_sizes: npt.NDArray[np.int32]) -> list[Detections]:
         from orchestrator.layout import postprocess_head
 
         sizes = [(int(h), int(w)) for h, w in np.asarray(page_sizes).reshape(-1, 2)]
-        return postprocess_head(self.kind, raw, sizes, self._cfg, self.labels)
+        if self.device == "gpu" and self.kind == DEFAULT_HEAD:
+            import torch
+
+            from orchestrator import postprocess_torch
+
+            tensors = [torch.as_tensor(r) for r in raw]
+            return postprocess_torch.postprocess(tensors, sizes, self._cfg, self.labels)
+        host = [r.float().cpu().numpy() if hasattr(r, "cpu") else np.asarray(r) for r in raw]
+        return postprocess_head(self.kind, host, sizes, self._cfg, self.labels)
 
 
 def read_labels(model_dir: Path) -> list[str]:

@@ -82,3 +82,20 @@ def random_boxes(
         cxcy = rng.uniform(0, size, (n, 2))
     wh = rng.uniform(size * 0.03, size * 0.25, (n, 2))
     return np.concatenate([cxcy - wh / 2, cxcy + wh / 2], axis=1)
+
+
+def corpus_pages_bgr(pages_dir: Path, dpi: int = 200) -> list[tuple[str, np.ndarray]]:
+    """Every page of the corpus folder as (name, HWC uint8 BGR): images through their
+    palette (``load_bgr``), PDFs rendered by folio's own source at ``dpi``."""
+    from orchestrator.config import SourceConfig
+    from orchestrator.sources import open_sources
+
+    pages: list[tuple[str, np.ndarray]] = []
+    for page in open_sources([pages_dir], SourceConfig(dpi=dpi)).pages():
+        assert page.error is None, f"{page.ref}: {page.error}"
+        name = f"{Path(page.ref.source).name}#{page.ref.page}"
+        if page.pixels is not None:
+            pages.append((name, page.pixels))
+        else:
+            pages.append((name, load_bgr(Path(page.ref.source))))
+    return pages

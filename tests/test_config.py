@@ -52,6 +52,10 @@ def test_file_then_flags_override_defaults(tmp_path: Path) -> None:
     ({"layout.figure_text": "maybe"}, "layout.figure_text"),
     ({"recognize.min_line_score": 2.0}, "recognize.min_line_score"),
     ({"crop.min_side_px": 0}, "crop.min_side_px"),
+    ({"layout.gpu_resident": "yes"}, "layout.gpu_resident must be auto|on|off"),
+    ({"layout.batches_in_flight": 0}, "layout.batches_in_flight must be >= 1"),
+    ({"layout.cuda_graph": 1}, "layout.cuda_graph must be true or false"),
+    ({"decode.gpu_decoder": "nvjpeg"}, "decode.gpu_decoder must be auto|dali|torch"),
 ])
 def test_bad_values_name_the_key(values: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):

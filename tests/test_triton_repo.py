@@ -36,6 +36,8 @@ from orchestrator.triton_repo import (
     validate_repository,
 )
 from orchestrator.triton_stages import (
+    LayoutStage,
+    PostprocessStage,
     PreprocessStage,
     config_parameter,
     error_from_message,
@@ -83,7 +85,10 @@ def test_gpu_target_backends_kinds_and_files(repos: dict[str, Path]) -> None:
     assert (pre.backend, layout.backend, post.backend) == ("dali", "pytorch", "python")
     assert pre.instance_group[0].kind == pb.ModelInstanceGroup.KIND_GPU
     assert layout.instance_group[0].kind == pb.ModelInstanceGroup.KIND_GPU
-    assert post.instance_group[0].kind == pb.ModelInstanceGroup.KIND_CPU
+    # Post-processing takes the raw outputs as GPU tensors and works on them there.
+    assert post.instance_group[0].kind == pb.ModelInstanceGroup.KIND_GPU
+    assert post.parameters["postprocess_device"].string_value == "gpu"
+    assert post.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
     dali = root / "preprocess" / "1" / "model.dali"
     assert dali.stat().st_size > 1000
     # The serialised graph decodes on the "mixed" device (nvJPEG) from external source IMAGE.
@@ -122,6 +127,9 @@ def test_cpu_target_is_python_everywhere_with_its_artifact(repos: dict[str, Path
         assert cfg.instance_group[0].kind == pb.ModelInstanceGroup.KIND_CPU
         assert (root / step / "1" / "model.py").is_file()
         assert cfg.dynamic_batching.max_queue_delay_microseconds > 0
+    post = load_model_config(root / "postprocess" / "config.pbtxt")
+    assert post.parameters["postprocess_device"].string_value == "cpu"
+    assert "FORCE_CPU_ONLY_INPUT_TENSORS" not in post.parameters
     manifest = json.loads((root / "layout" / "1" / "manifest.json").read_text())
     assert list(manifest["artifacts"]) == ["fp32"]
     assert (root / "layout" / "1" / manifest["artifacts"]["fp32"]["file"]).is_file()
@@ -145,6 +153,17 @@ def test_validation_reports_mismatched_tensors(repos: dict[str, Path], tmp_path:
     (broken / "layout" / "1" / "model.py").unlink()
     with pytest.raises(ConfigError, match=r"model\.py missing"):
         validate_repository(broken)
+    # A gpu postprocess step that would be handed CPU tensors, or runs on a CPU instance.
+    gpu = tmp_path / "gpu"
+    shutil.copytree(repos["gpu"], gpu)
+    config = gpu / "postprocess" / "config.pbtxt"
+    text = config.read_text()
+    config.write_text(text.replace('string_value: "no"', 'string_value: "yes"'))
+    with pytest.raises(ConfigError, match="FORCE_CPU_ONLY_INPUT_TENSORS"):
+        validate_repository(gpu)
+    config.write_text(text.replace("KIND_GPU", "KIND_CPU"))
+    with pytest.raises(ConfigError, match="needs KIND_GPU"):
+        validate_repository(gpu)
 
 
 def test_unknown_target_and_size_mismatch(model_dir: Path, tmp_path: Path) -> None:
@@ -177,6 +196,33 @@ def test_error_messages_round_trip() -> None:
         assert type(back) is type(exc) and str(back) == str(exc)
     assert isinstance(error_from_message("LayoutError: RuntimeError: boom"), LayoutError)
     assert error_from_message("something else") is None
+
+
+def test_postprocess_stage_on_tensors_equals_numpy(corpus_dir: Path, model_dir: Path) -> None:
+    """The gpu target's step (torch, here on CPU tensors as DLPack would hand them) gives the
+    cpu target's boxes for the same raw outputs."""
+    import torch
+
+    cfg = FolioConfig().override({"sources.max_pixels": 50_000_000})
+    pre = PreprocessStage(cfg, max_batch_size=2)
+    names = ("linn.png", "typewriter.png")
+    outs = pre([np.frombuffer((corpus_dir / "pages" / n).read_bytes(), np.uint8) for n in names])
+    assert not any(isinstance(o, PageError) for o in outs)
+    batch = np.stack([o[0] for o in outs if not isinstance(o, PageError)])
+    sizes = np.stack([o[1] for o in outs if not isinstance(o, PageError)])
+    layout = LayoutStage(cfg, model_dir)
+    raw = layout(batch)
+    on_cpu = PostprocessStage(cfg, layout.labels, device="cpu")
+    on_gpu = PostprocessStage(cfg, layout.labels, device="gpu")
+    want = on_cpu(raw, sizes)
+    got = on_gpu([on_gpu.concatenate([torch.from_numpy(r[:1]), torch.from_numpy(r[1:])])
+                  for r in raw], sizes)
+    assert sum(len(d.boxes) for d in want) > 10
+    for a, b in zip(want, got, strict=True):
+        assert a.classes.tolist() == b.classes.tolist()
+        np.testing.assert_allclose(a.boxes, b.boxes, atol=1e-3, rtol=0)
+    with pytest.raises(ConfigError, match=r"must be cpu\|gpu"):
+        PostprocessStage(cfg, layout.labels, device="tpu")
 
 
 def test_preprocess_stage_isolates_bad_pages(corpus_dir: Path) -> None:

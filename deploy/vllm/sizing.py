@@ -7,6 +7,12 @@ the first GPU deployment should replace the ASSUMED lines with measurements and 
     python deploy/vllm/sizing.py            # the tables in the README
     python deploy/vllm/sizing.py --json     # the same, machine-readable
 
+The layout side's share can come from a measurement instead of the assumed sum:
+``perf/gpu/memory.py`` writes the device memory a layout process holds per model and batch
+size, and ``--layout-measured memory.json --layout-model cdla-stage --layout-batch 64``
+reserves that row's figure plus ``LAYOUT_MEASURED_HEADROOM_GIB`` (``--layout-gib`` sets
+the reservation directly).
+
 Standard library only.
 """
 
@@ -45,6 +51,9 @@ LAYOUT_CONTEXTS_GIB = 1.5  # 3 processes x ~0.5 GiB
 LAYOUT_DALI_GIB = 1.0  # 8 x 1654 x 2339 x 3 B = 93 MB decoded, pools ~4x, resize buffers
 LAYOUT_MODEL_GIB = 2.0  # 132 MB FP32 weights + activations at batch 8 + allocator slack
 LAYOUT_HEADROOM_GIB = 3.5  # unmeasured: room for batch 16 or FP32 before vLLM is squeezed
+# Over a measured layout peak: pages larger than the measured A4 300-dpi ones decode to
+# more pixels, and allocator fragmentation varies run to run. ASSUMED.
+LAYOUT_MEASURED_HEADROOM_GIB = 1.0
 AVG_REGION_TOKENS = 800  # a layout block: ~400 image + ~150 output + prompt, rounded up
 KV_HEADROOM = 2.0  # KV for twice the average: long tables preempt nothing
 DEDICATED_UTILIZATION = 0.92  # vLLM's default: the rest is driver/fragmentation headroom
@@ -97,7 +106,19 @@ class Profile:
     client_max_in_flight: int
 
 
-def profile(gpu: Gpu, shared: bool, fp8: bool = False) -> Profile:
+def measured_layout_gib(path: str, model: str, batch: int) -> float:
+    """The reservation for a measured layout side: the device memory in use of one row of
+    perf/gpu/memory.py's JSON (model, batch size) plus the measured-case headroom."""
+    with open(path, encoding="utf-8") as fh:
+        rows = json.load(fh)
+    for row in rows:
+        if row.get("model") == model and row.get("batch") == batch:
+            return float(row["device_used_gib"]) + LAYOUT_MEASURED_HEADROOM_GIB
+    raise SystemExit(f"{path}: no row for model {model!r} at batch {batch}")
+
+
+def profile(gpu: Gpu, shared: bool, fp8: bool = False,
+            layout_gib: float | None = None) -> Profile:
     # one step must hold a whole image (vLLM rejects an item over the encoder budget):
     # 6,144 + 16 -> 8,192 shared (smaller activation peak), 16,384 on a GPU of its own
     batched = 8192 if shared else 16384
@@ -105,8 +126,9 @@ def profile(gpu: Gpu, shared: bool, fp8: bool = False) -> Profile:
     max_model_len = 2 ** math.ceil(math.log2(MAX_IMAGE_TOKENS + MAX_OUTPUT_TOKENS
                                              + PROMPT_TOKENS))
     util = DEDICATED_UTILIZATION
+    reserve = layout_reserve_gib() if layout_gib is None else layout_gib
     if shared:  # what the layout side leaves, never more than a GPU of vLLM's own
-        util = min(util, math.floor((1 - layout_reserve_gib() / gpu.usable_gib) * 100) / 100)
+        util = min(util, math.floor((1 - reserve / gpu.usable_gib) * 100) / 100)
     vllm_gib = util * gpu.usable_gib
     kv_gib = vllm_gib - non_kv_gib(batched, fp8)
     kv_tokens = int(kv_gib * GIB / kv_bytes_per_token())
@@ -122,8 +144,15 @@ def profile(gpu: Gpu, shared: bool, fp8: bool = False) -> Profile:
     )
 
 
-def report() -> str:
+def report(layout_gib: float | None = None) -> str:
     kv = kv_bytes_per_token()
+    if layout_gib is None:
+        layout_line = (
+            f"Layout side reserved: {LAYOUT_CONTEXTS_GIB} contexts + {LAYOUT_DALI_GIB} DALI + "
+            f"{LAYOUT_MODEL_GIB} model + {LAYOUT_HEADROOM_GIB} headroom = "
+            f"{layout_reserve_gib():.1f} GiB")
+    else:
+        layout_line = f"Layout side reserved (measured, with headroom): {layout_gib:.1f} GiB"
     lines = [
         "KV cache per token (BF16): 2 (K,V) x (16 decoder + 1 MTP layers) x 8 KV heads x 128"
         f" x 2 B = {kv:,} B = {kv / KIB:.0f} KiB",
@@ -131,9 +160,7 @@ def report() -> str:
         f"{PROMPT_TOKENS} prompt = {MAX_IMAGE_TOKENS + MAX_OUTPUT_TOKENS + PROMPT_TOKENS:,}"
         f" tokens -> --max-model-len {profile(GPUS[2], True).max_model_len:,}; its KV: "
         f"{(MAX_IMAGE_TOKENS + MAX_OUTPUT_TOKENS + PROMPT_TOKENS) * kv / GIB:.2f} GiB",
-        f"Layout side reserved: {LAYOUT_CONTEXTS_GIB} contexts + {LAYOUT_DALI_GIB} DALI + "
-        f"{LAYOUT_MODEL_GIB} model + {LAYOUT_HEADROOM_GIB} headroom = "
-        f"{layout_reserve_gib():.1f} GiB",
+        layout_line,
         f"vLLM non-KV at 8k batched tokens: {WEIGHTS_GIB} weights + "
         f"{ACTIVATION_GIB_PER_8K_TOKENS} activations + {ENCODER_ACTIVATION_GIB} encoder + "
         f"{CUDA_GRAPHS_GIB} CUDA graphs + {CONTEXT_WORKSPACE_GIB} context = "
@@ -145,7 +172,7 @@ def report() -> str:
     ]
     for gpu in GPUS:
         for shared in (True, False):
-            p = profile(gpu, shared)
+            p = profile(gpu, shared, layout_gib=layout_gib)
             lines.append(
                 f"| {p.gpu} | {'yes' if shared else 'no'} | {p.gpu_memory_utilization:.2f} | "
                 f"{p.vllm_gib} | {p.kv_gib} | {p.kv_tokens:,} | {p.max_num_seqs} | "
@@ -157,11 +184,23 @@ def report() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--layout-gib", type=float, default=None,
+                    help="the layout side's reservation in GiB (replaces the assumed sum)")
+    ap.add_argument("--layout-measured", default=None,
+                    help="perf/gpu/memory.py's JSON: reserve a measured row (+ headroom)")
+    ap.add_argument("--layout-model", default="cdla-stage",
+                    help="the row's model: cdla-stage, cdla-model or ppdoclayoutv3")
+    ap.add_argument("--layout-batch", type=int, default=64, help="the row's batch size")
     args = ap.parse_args()
+    layout_gib = args.layout_gib
+    if args.layout_measured is not None:
+        layout_gib = measured_layout_gib(args.layout_measured, args.layout_model,
+                                         args.layout_batch)
     if args.json:
-        print(json.dumps([asdict(profile(g, s)) for g in GPUS for s in (True, False)], indent=2))
+        print(json.dumps([asdict(profile(g, s, layout_gib=layout_gib))
+                          for g in GPUS for s in (True, False)], indent=2))
     else:
-        print(report())
+        print(report(layout_gib))
 
 
 if __name__ == "__main__":

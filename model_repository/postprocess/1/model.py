@@ -1,8 +1,9 @@
 """folio_layout step 3, both targets: RAW__0 .. RAW__n + PAGE_SIZE -> BOXES, SCORES, CLASSES.
 
-A thin adapter over ``orchestrator.triton_stages.PostprocessStage``, which calls
-``orchestrator.postprocess.postprocess``: the in-process path's code, imported from the
-installed package. One page per request (its boxes are a ragged [N, 4] tensor).
+A thin adapter over ``orchestrator.triton_stages.PostprocessStage``: the in-process path's
+post-processing, imported from the installed package; numpy on the cpu target, torch on
+the GPU tensors Triton hands over (DLPack) on the gpu target. One page per request (its
+boxes are a ragged [N, 4] tensor).
 """
 
 import json
@@ -19,16 +20,18 @@ class TritonPythonModel:
         params = config["parameters"]
         labels = json.loads(params["labels"]["string_value"])
         kind = params.get("postprocess", {}).get("string_value", "picodet")
-        self.stage = PostprocessStage(stage_config(config), labels, kind)
+        device = params.get("postprocess_device", {}).get("string_value", "cpu")
+        self.stage = PostprocessStage(stage_config(config), labels, kind, device)
         self.inputs = [i["name"] for i in config["input"] if i["name"] != "PAGE_SIZE"]
 
     def execute(self, requests):
-        raws = [[pb_utils.get_input_tensor_by_name(r, name).as_numpy() for name in self.inputs]
-                for r in requests]
+        raws = [[self.stage.array(pb_utils.get_input_tensor_by_name(r, name))
+                 for name in self.inputs] for r in requests]
         sizes = [pb_utils.get_input_tensor_by_name(r, "PAGE_SIZE").as_numpy() for r in requests]
         counts = [s.shape[0] for s in sizes]
         try:
-            batch = [np.concatenate([raw[k] for raw in raws]) for k in range(len(self.inputs))]
+            batch = [self.stage.concatenate([raw[k] for raw in raws])
+                     for k in range(len(self.inputs))]
             detections = self.stage(batch, np.concatenate(sizes))
         except Exception as exc:  # the whole batch failed: every request says why
             error = pb_utils.TritonError(f"LayoutError: {format_error(exc)}")
