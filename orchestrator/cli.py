@@ -2,7 +2,8 @@
 
 Exit codes: 0 every page ok; 3 some pages failed (their error rows are in the DB);
 2 usage or configuration error (one clear line on stderr); 1 anything unexpected,
-including a run stopped by the stall watchdog (every thread's stack on stderr).
+including a run stopped by the stall watchdog (every thread's stack on stderr);
+130 / 143 a run stopped by SIGINT / SIGTERM (what was written stays, a re-run resumes).
 """
 
 from __future__ import annotations
@@ -12,15 +13,22 @@ import importlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from types import ModuleType
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from orchestrator.config import FolioConfig, load_config
 from orchestrator.errors import ConfigError, FolioError, ModelArtifactError, SourceError
+from orchestrator.types import PageOutcome, PageRef
+
+if TYPE_CHECKING:
+    from orchestrator.metrics import RunMetrics
+    from orchestrator.sources import SourceSet
 
 EXIT_OK = 0
 EXIT_UNEXPECTED = 1
@@ -73,37 +81,184 @@ def _add_run(sub: Any) -> None:
     p.add_argument("--vllm-model", help="model name served by vLLM")
     p.add_argument("--sink-batch-rows", type=int, help="rows per SQLite transaction")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--json", action="store_true",
+                   help="print the summary as JSON (with the failed pages and their reasons)")
+    p.add_argument("--metrics-port", type=int,
+                   help="serve Prometheus metrics on this port while the run lasts")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="address for --metrics-port (default 127.0.0.1)")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from orchestrator.pipeline import Pipeline
-    from orchestrator.types import PageOutcome
 
-    cfg = _config_from_args(args)
-    check_db_writable(args.db)
-    pipeline = Pipeline(cfg)
-    bar = tqdm(unit="page", disable=args.no_progress or None, file=sys.stderr, dynamic_ncols=True)
-    errors = 0
+    stop = threading.Event()
+    signals = _Interrupts(stop, drain_s=None)
+    with signals:  # a signal during start-up stops the run before its first page
+        cfg = _config_from_args(args)
+        signals.drain_s = cfg.pipeline.drain_timeout_s
+        check_db_writable(args.db)
+        metrics = _metrics(args)
+        pipeline = Pipeline(cfg)
+        progress = RunProgress(disable=args.no_progress)
+        if metrics is not None:
+            metrics.watch(pipeline.queue_depths, getattr(pipeline.recognizer, "metrics", None))
 
-    def on_page(outcome: PageOutcome) -> None:
-        nonlocal errors
-        errors += outcome.status != "ok"
-        bar.update(1)
-        bar.set_postfix(errors=errors, refresh=False)
+        def on_page(outcome: PageOutcome) -> None:
+            progress.page(outcome)
+            if metrics is not None:
+                metrics.page(outcome)
 
-    try:
-        summary = pipeline.run(args.sources, args.db, on_page=on_page)
-    finally:
-        bar.close()
-        pipeline.close()
+        def on_skip(ref: PageRef) -> None:
+            progress.skipped(ref)
+            if metrics is not None:
+                metrics.skipped(ref)
+
+        try:
+            pipeline.interrupted_by = signals.name  # a signal during start-up
+            signals.pipeline = pipeline
+            summary = pipeline.run(args.sources, args.db, on_page=on_page, on_skip=on_skip,
+                                   on_sources=progress.count, stop=stop)
+        finally:
+            progress.close()
+            pipeline.close()
     if args.json:
         print(json.dumps({"db": str(summary.db), "run_id": summary.run_id, **summary.to_dict()}))
     else:
         print(format_summary(summary))
+    if summary.interrupted is not None:
+        # Everything written is committed and the database closed. Native thread pools may
+        # still be finishing a call that ignored the stop; leaving without the interpreter's
+        # teardown keeps them from aborting the process (C++ "terminate called ...").
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(128 + signals.received[0])
     return summary.exit_code
+
+
+def _metrics(args: argparse.Namespace) -> RunMetrics | None:
+    if args.metrics_port is None:
+        return None
+    from orchestrator.metrics import RunMetrics
+
+    metrics = RunMetrics()
+    metrics.serve(args.metrics_port, args.metrics_host)
+    log.info("metrics on http://%s:%d/metrics", args.metrics_host, args.metrics_port)
+    return metrics
+
+
+class _Interrupts:
+    """SIGINT and SIGTERM during ``folio run``: the first stops the run cleanly (no new
+    page is read, pages in flight finish or are dropped within ``pipeline.drain_timeout_s``,
+    the summary is written and printed, exit 130 / 143); a second one exits at once
+    (written pages are whole: each page is one transaction)."""
+
+    def __init__(self, stop: threading.Event, drain_s: float | None) -> None:
+        self._stop = stop
+        self.drain_s = drain_s
+        self.received: list[int] = []
+        self.pipeline: Any = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def name(self) -> str | None:
+        return signal.Signals(self.received[0]).name if self.received else None
+
+    def __enter__(self) -> _Interrupts:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.received:
+            os.write(2, f"folio: {name} again: stopping now; re-run the same command to "
+                        "resume\n".encode())
+            os._exit(128 + signum)
+        self.received.append(signum)
+        if self.pipeline is not None:
+            self.pipeline.interrupted_by = name
+        wait = "" if self.drain_s is None else f" (at most {self.drain_s:g} s)"
+        os.write(2, f"folio: {name}: finishing the pages in flight{wait}; "
+                    "send it again to stop at once\n".encode())
+        self._stop.set()
+
+
+class RunProgress:
+    """The progress bar of ``folio run``: pages done (written now or before) out of a total
+    counted in the background as the sources are opened (image files, PDF page counts,
+    shard row counts), so a huge source does not delay the first page; with the total
+    comes an ETA."""
+
+    def __init__(self, disable: bool, file: Any = None) -> None:
+        from tqdm import tqdm
+
+        # disable=None: a bar on a terminal, none when stderr is a pipe or a log file.
+        self._bar = tqdm(unit="page", disable=disable or None,
+                         file=sys.stderr if file is None else file, dynamic_ncols=True,
+                         total=None)
+        self._errors = 0
+        self._done_before = 0
+        self._lock = threading.Lock()
+        self._counting: threading.Thread | None = None
+        self._closed = threading.Event()
+
+    def count(self, sources: SourceSet) -> None:
+        """Count the sources' pages in a background thread, growing the bar's total."""
+        def count_all() -> None:
+            total = 0
+            for source in sources:
+                if self._closed.is_set():
+                    return
+                count = getattr(source, "count_pages", None)
+                try:
+                    total += int(count()) if callable(count) else 1
+                except Exception:  # a source that cannot be counted still runs
+                    total += 1
+                with self._lock:
+                    self._bar.total = total
+            with self._lock:
+                self._bar.refresh()
+
+        self._counting = threading.Thread(target=count_all, name="folio-count", daemon=True)
+        self._counting.start()
+
+    @property
+    def total(self) -> int | None:
+        """The pages counted so far (None before the first source is counted)."""
+        with self._lock:
+            total = self._bar.total
+        return None if total is None else int(total)
+
+    def wait_counted(self, timeout: float) -> bool:
+        """Wait for the background count to end; True when it has."""
+        if self._counting is None:
+            return False
+        self._counting.join(timeout)
+        return not self._counting.is_alive()
+
+    def page(self, outcome: PageOutcome) -> None:
+        with self._lock:
+            self._errors += outcome.status != "ok"
+            self._bar.update(1)
+            self._bar.set_postfix(errors=self._errors, refresh=False)
+
+    def skipped(self, ref: PageRef) -> None:
+        with self._lock:
+            self._done_before += 1
+            self._bar.update(1)
+            self._bar.set_postfix(errors=self._errors, done_before=self._done_before,
+                                  refresh=False)
+
+    def close(self) -> None:
+        self._closed.set()
+        with self._lock:
+            self._bar.close()
 
 
 def check_db_writable(db: Path) -> None:
@@ -130,13 +285,21 @@ def check_db_writable(db: Path) -> None:
 
 
 def format_summary(summary: Any) -> str:
+    speed = (f"{summary.pages_per_s:.2f} pages/s (pages read ok)" if summary.ok
+             else "n/a (no page was read ok)")
     lines = [
-        f"folio run {summary.run_id} -> {summary.db}",
+        f"folio run {summary.run_id} -> {summary.db}"
+        + (f"  [interrupted by {summary.interrupted}]" if summary.interrupted else ""),
         f"  pages      {summary.pages} ({summary.ok} ok, {summary.errors} errors, "
-        f"{summary.resumed} already done, {summary.skipped_files} files skipped)",
-        f"  regions    {summary.regions} ({summary.recognized} with text)",
-        f"  speed      {summary.pages_per_s:.2f} pages/s over {summary.elapsed_s:.1f} s",
-        "  stage time " + ", ".join(f"{k} {v:.1f}s" for k, v in summary.stage_s.items()),
+        f"{summary.resumed} already done, {summary.skipped_files} files skipped"
+        + (f", {summary.dropped} unfinished: a re-run does them" if summary.dropped else "")
+        + ")",
+        f"  regions    {summary.regions} ({summary.recognized} with text, "
+        f"{summary.lines} text lines)",
+        f"  speed      {speed}",
+        f"  time       {summary.elapsed_s:.1f} s wall, {summary.cpu_s:.1f} s CPU",
+        "  stage wall time, summed over pages (stages overlap): " + ", ".join(
+            f"{k} {v:.1f}s" for k, v in summary.stage_wall_s.items()),
     ]
     if summary.recognition:
         lines.append("  recognition " + ", ".join(
@@ -256,12 +419,30 @@ def version() -> str:
         return "unknown"
 
 
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per log line (time, level, logger, message, exception), for log
+    shippers. A few lines of the standard library; no dependency is worth it."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Every command; raises ``CommandUnavailable`` when one cannot be loaded."""
     parser = _Parser(
         prog="folio", description="folio: document pages in, structured text with boxes in SQLite."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--log-format", choices=["text", "json"], default="text",
+                        help="log lines as text (default) or one JSON object per line")
     parser.add_argument("--version", action="version", version=f"folio {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run(sub)
@@ -284,11 +465,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"folio: error: {exc}", file=sys.stderr)
         return EXIT_UNEXPECTED
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler_out = logging.StreamHandler(sys.stderr)
+    handler_out.setFormatter(
+        JsonLogFormatter() if args.log_format == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        handlers=[handler_out])
     if not args.verbose:  # httpx logs every request at INFO: one line per region
         logging.getLogger("httpx").setLevel(logging.WARNING)
     handler = _COMMANDS.get(args.command) or getattr(args, "handler", None)

@@ -273,6 +273,9 @@ class PipelineConfig:
     # resumes. Above the slowest legitimate gap: a vLLM region's worst case is
     # timeout_s x (retries + 1) plus back-off, ~11 min with the defaults.
     stall_timeout_s: float = 1800.0
+    # An interrupted run (SIGINT, SIGTERM) stops reading and gives the pages in flight this
+    # long to finish; those still unfinished are dropped unwritten (a re-run does them).
+    drain_timeout_s: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -455,6 +458,7 @@ def validate(cfg: FolioConfig) -> None:
         (cfg.pipeline.queue_pages >= 1, "pipeline.queue_pages must be >= 1"),
         (cfg.pipeline.limit is None or cfg.pipeline.limit >= 1, "pipeline.limit must be >= 1"),
         (cfg.pipeline.stall_timeout_s >= 0, "pipeline.stall_timeout_s must be >= 0"),
+        (cfg.pipeline.drain_timeout_s >= 0, "pipeline.drain_timeout_s must be >= 0"),
     ]
     for task in cfg.layout.label_tasks.values():
         checks.append((task in ("text", "table", "formula", "skip", "abandon"),

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -45,14 +45,21 @@ from orchestrator.types import (
     LayoutResult,
     LineText,
     PageOutcome,
+    PageRef,
     RecognitionResult,
     Region,
     RegionTask,
 )
 
+if TYPE_CHECKING:
+    from orchestrator.sources import SourceSet
+
 log = logging.getLogger("folio.pipeline")
 
 STAGES = ("read", "decode", "lines", "layout", "crop", "recognize")
+# The queues between stages: to decode, to layout, to recognition (laid-out pages), pages
+# inside the recogniser, and pages waiting for the sink's writer.
+QUEUES = ("decode", "layout", "recognize", "recognizing", "sink")
 
 
 class LayoutBackend(Protocol):
@@ -108,8 +115,17 @@ def make_layout_backend(cfg: FolioConfig, device: str) -> LayoutBackend:
     return InProcessLayout(cfg, device)
 
 
+# The error pages --json and the runs table list by name; the rest are counted.
+MAX_LISTED_ERRORS = 100
+
+
 @dataclass(slots=True)
 class RunSummary:
+    """What a run did. Times: ``elapsed_s`` is the run's wall time; ``stage_wall_s`` the
+    wall seconds each stage spent on pages, summed over pages (stages overlap and some run
+    on several threads, so the sum can exceed ``elapsed_s``); ``cpu_s`` the process's CPU
+    seconds (user + system) over the run."""
+
     db: Path
     run_id: int
     pages: int = 0
@@ -119,14 +135,24 @@ class RunSummary:
     skipped_files: int = 0
     regions: int = 0
     recognized: int = 0
+    lines: int = 0
     elapsed_s: float = 0.0
-    stage_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    cpu_s: float = 0.0
+    stage_wall_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
     recognition: dict[str, Any] = field(default_factory=dict)
-    first_errors: list[str] = field(default_factory=list)
+    error_pages: list[dict[str, Any]] = field(default_factory=list)  # the first ones
+    interrupted: str | None = None  # the signal that stopped the run early
+    dropped: int = 0  # pages in flight when an interrupted run stopped waiting for them
+
+    @property
+    def first_errors(self) -> list[str]:
+        return [f"{e['source']}#{e['page']}: {e['error']}" for e in self.error_pages[:10]]
 
     @property
     def pages_per_s(self) -> float:
-        return self.pages / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        """Pages read to the end (ok) per second of the run: error pages cost next to
+        nothing and would make a run of broken inputs look fast."""
+        return self.ok / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
     @property
     def exit_code(self) -> int:
@@ -142,10 +168,16 @@ class RunSummary:
             "skipped_files": self.skipped_files,
             "regions": self.regions,
             "recognized": self.recognized,
+            "lines": self.lines,
             "elapsed_s": round(self.elapsed_s, 3),
+            "cpu_s": round(self.cpu_s, 3),
             "pages_per_s": round(self.pages_per_s, 3),
-            "stage_s": {k: round(v, 3) for k, v in self.stage_s.items()},
+            "stage_wall_s": {k: round(v, 3) for k, v in self.stage_wall_s.items()},
             "recognition": self.recognition,
+            "error_pages": self.error_pages,
+            "errors_not_listed": max(0, self.errors - len(self.error_pages)),
+            "interrupted": self.interrupted,
+            "dropped": self.dropped,
         }
 
 
@@ -180,6 +212,8 @@ class Pipeline:
     ) -> None:
         cap_threads(cfg)
         self.cfg = cfg
+        self.interrupted_by: str | None = None  # what set run()'s stop event (a signal)
+        self._queues: dict[str, Callable[[], int]] = {}  # depth of each queue while running
         self.decoder = decoder or Decoder(cfg.decode, cfg.sources, cfg.lines)
         self.layout = layout or make_layout_backend(cfg, self.decoder.device)
         self.recognizer = recognizer or make_recognizer(cfg)
@@ -206,18 +240,38 @@ class Pipeline:
         self.layout.close()
         self.recognizer.close()
 
+    def queue_depths(self) -> dict[str, int]:
+        """Items waiting in each queue between stages now (zeros outside a run)."""
+        queues = self._queues
+        return {name: queues[name]() if name in queues else 0 for name in QUEUES}
+
     def run(
         self,
         sources: Sequence[str | Path],
         db: Path,
         *,
         on_page: Callable[[PageOutcome], None] | None = None,
+        on_skip: Callable[[PageRef], None] | None = None,
+        on_sources: Callable[[SourceSet], None] | None = None,
+        stop: threading.Event | None = None,
     ) -> RunSummary:
+        """OCR ``sources`` into ``db``; returns the summary.
+
+        ``on_page`` gets each page's outcome as it is written, ``on_skip`` each page skipped
+        as already done, ``on_sources`` the opened sources before the first page (e.g. to
+        count them for a progress bar). ``stop``: once set, no new page is read; the pages
+        in flight are finished for up to ``pipeline.drain_timeout_s`` and then dropped
+        unwritten (a re-run does them), everything written is flushed, and the summary says
+        ``interrupted`` (set it to the signal's name before setting the event).
+        """
         from orchestrator.sink import SQLiteSink
         from orchestrator.sources import open_sources
 
         source_set = open_sources(list(sources), self.cfg.sources)
+        if on_sources is not None:
+            on_sources(source_set)
         with SQLiteSink(db, self.cfg.sink) as sink:
+            self._queues["sink"] = sink.queued
             run_id = sink.start_run(self.cfg.to_dict(), self.manifest(), source_set.sources)
             done = sink.done_pages()
             summary = RunSummary(db=db, run_id=run_id, skipped_files=source_set.skipped_files)
@@ -229,6 +283,8 @@ class Pipeline:
                 if ref in done:
                     summary.resumed += 1
                     watchdog.progress()
+                    if on_skip is not None:
+                        on_skip(ref)
                     return True
                 return False
 
@@ -239,25 +295,51 @@ class Pipeline:
                 if on_page is not None:
                     on_page(outcome)
 
-            start = time.perf_counter()
-            with watchdog:
-                self._run_stages(source_set.pages(skip=skip), emit)
+            start, cpu = time.perf_counter(), time.process_time()
+            try:
+                with watchdog:
+                    summary.dropped = self._run_stages(source_set.pages(skip=skip), emit, stop)
+            finally:
+                self._queues = {}
             summary.elapsed_s = time.perf_counter() - start
+            summary.cpu_s = time.process_time() - cpu
             metrics = getattr(self.recognizer, "metrics", None)
             if callable(metrics):
                 summary.recognition = metrics()
-            sink.finish_run(run_id, summary.to_dict())
+            if stop is not None and stop.is_set():
+                summary.interrupted = self.interrupted_by or "stop"
+            if summary.pages == 0 and summary.interrupted is None:
+                sink.discard_run(run_id)  # nothing to do: no runs row for it
+            else:
+                sink.finish_run(run_id, summary.to_dict(),
+                                status="interrupted" if summary.interrupted else "finished")
         return summary
 
     # -- stages ---------------------------------------------------------------------
 
     def _run_stages(
-        self, pages: Iterator[EncodedPage], emit: Callable[[PageOutcome], None]
-    ) -> None:
+        self, pages: Iterator[EncodedPage], emit: Callable[[PageOutcome], None],
+        stop: threading.Event | None = None,
+    ) -> int:
+        """Runs every stage to the end; returns how many pages in flight were dropped
+        because ``stop`` was set and they did not finish within the drain timeout."""
         size = self.cfg.pipeline.queue_pages
         # Set when a stage fails: every other stage then stops instead of blocking forever
         # on a queue the failed stage no longer fills or drains.
         abort = threading.Event()
+        # Set when an interrupted run stops waiting for its pages in flight: whatever still
+        # finishes is dropped, not written (a re-run does those pages).
+        dropping = threading.Event()
+        counts = {"read": 0, "written": 0}
+        counts_lock = threading.Lock()
+
+        def written(outcome: PageOutcome) -> None:
+            if dropping.is_set():
+                return
+            emit(outcome)
+            with counts_lock:
+                counts["written"] += 1
+
         to_decode = _Channel(size, abort)
         to_layout = _Channel(size, abort)
         to_recognize = _Channel(size, abort)
@@ -279,8 +361,12 @@ class Pipeline:
             count = 0
             try:
                 for page in pages:
+                    if stop is not None and stop.is_set():
+                        break  # interrupted: what is in flight drains, nothing new starts
+                    with counts_lock:
+                        counts["read"] += 1
                     if page.error is not None:
-                        emit(_error_outcome(page.ref, page.error, {"read_s": page.read_s}))
+                        written(_error_outcome(page.ref, page.error, {"read_s": page.read_s}))
                     else:
                         to_decode.put(page)
                     count += 1
@@ -294,7 +380,7 @@ class Pipeline:
                 for batch in _batches(to_decode, self.decoder.batch_size):
                     for page, out in zip(batch, self.decoder.decode(batch), strict=True):
                         if isinstance(out, PageError):
-                            emit(_error_outcome(page.ref, str(out), {"read_s": page.read_s}))
+                            written(_error_outcome(page.ref, str(out), {"read_s": page.read_s}))
                         else:
                             to_layout.put((page, out))
             finally:
@@ -311,7 +397,7 @@ class Pipeline:
                         results = [PageError(f"layout failed: {exc}")] * len(batch)
                     for page, result in zip(decoded, results, strict=True):
                         if isinstance(result, PageError):
-                            emit(_error_outcome(page.ref, str(result), _times(page)))
+                            written(_error_outcome(page.ref, str(result), _times(page)))
                         else:
                             to_recognize.put((page, result))
             finally:
@@ -323,6 +409,8 @@ class Pipeline:
         # A recogniser that queues work (rapidocr's pool, vLLM) gets many pages in flight
         # from a few threads; one without ``submit`` gets one page per worker thread.
         in_flight = _Channel(self.cfg.recognize.in_flight_pages(), abort)
+        self._queues.update(decode=to_decode.qsize, layout=to_layout.qsize,
+                            recognize=to_recognize.qsize, recognizing=in_flight.qsize)
         dispatchers_left = [workers]
         dispatchers_lock = threading.Lock()
 
@@ -337,7 +425,7 @@ class Pipeline:
                     if submit is None:
                         results = self.recognizer.recognize(tasks) if tasks else []
                         recognize_s = time.perf_counter() - start - crop_s
-                        emit(self._outcome(page, result, tasks, results, crop_s, recognize_s))
+                        written(self._outcome(page, result, tasks, results, crop_s, recognize_s))
                     else:
                         in_flight.put(_InFlight(page, result, tasks, crop_s, submit(tasks)))
             finally:
@@ -350,11 +438,13 @@ class Pipeline:
         def finisher() -> None:
             while (pending := in_flight.get()) is not _DONE:
                 try:
-                    results = pending.future.result()
+                    results = _result_unless(pending.future, abort)
+                    if results is None:
+                        return  # the run stopped waiting: this page is dropped unwritten
                 except Exception as exc:  # the recogniser was closed or cancelled mid-page
                     failed = RecognitionResult(text=None, error=f"recognition failed: {exc}")
                     results = [failed] * len(pending.tasks)
-                emit(self._outcome(pending.page, pending.layout, pending.tasks, results,
+                written(self._outcome(pending.page, pending.layout, pending.tasks, results,
                                    pending.crop_s, _recognize_seconds(pending, results)))
 
         threads = [threading.Thread(target=guarded(fn), name=f"folio-{name}", daemon=True)
@@ -366,10 +456,36 @@ class Pipeline:
                                             daemon=True))
         for thread in threads:
             thread.start()
-        for thread in threads:
-            thread.join()
+        self._wait(threads, stop, abort, dropping)
         if failures:
             raise failures[0]
+        with counts_lock:
+            return counts["read"] - counts["written"] if dropping.is_set() else 0
+
+    def _wait(self, threads: list[threading.Thread], stop: threading.Event | None,
+              abort: threading.Event, dropping: threading.Event) -> None:
+        """Join the stage threads. Once ``stop`` is set, in-flight pages get
+        ``pipeline.drain_timeout_s`` to finish; then every stage is told to give up
+        (``abort``), and whatever still finishes is dropped rather than written, so no
+        stage writes to the sink or reaches the recogniser after the run returns."""
+        stopped_at: float | None = None
+        while any(t.is_alive() for t in threads):
+            for thread in threads:
+                thread.join(timeout=_POLL_S)
+            if stop is None or not stop.is_set():
+                continue
+            now = time.monotonic()
+            if stopped_at is None:
+                stopped_at = now
+            if now - stopped_at >= self.cfg.pipeline.drain_timeout_s and not abort.is_set():
+                dropping.set()
+                abort.set()
+            if abort.is_set() and now - stopped_at >= 2 * self.cfg.pipeline.drain_timeout_s:
+                # A stage stuck in a call that ignores the abort (a recogniser without a
+                # timeout): leave it; nothing it finishes is written.
+                log.warning("stage threads still busy after the drain timeout: %s",
+                            ", ".join(t.name for t in threads if t.is_alive()))
+                return
 
     @staticmethod
     def _outcome(
@@ -497,13 +613,26 @@ class _Counter:
                 s.ok += 1
             else:
                 s.errors += 1
-                if len(s.first_errors) < 10:
-                    s.first_errors.append(f"{outcome.ref}: {outcome.error}")
+                if len(s.error_pages) < MAX_LISTED_ERRORS:
+                    s.error_pages.append({"source": outcome.ref.source,
+                                          "page": outcome.ref.page, "error": outcome.error})
             s.regions += len(outcome.regions)
             s.recognized += sum(1 for _, r in outcome.regions if r is not None and r.text)
+            s.lines += sum(len(r.lines) for _, r in outcome.regions if r is not None)
             for key, seconds in outcome.timings.items():
                 stage = key.removesuffix("_s")
-                s.stage_s[stage] = s.stage_s.get(stage, 0.0) + seconds
+                s.stage_wall_s[stage] = s.stage_wall_s.get(stage, 0.0) + seconds
+
+
+def _result_unless(future: concurrent.futures.Future[list[RecognitionResult]],
+                   abort: threading.Event) -> list[RecognitionResult] | None:
+    """The future's result, or None once ``abort`` is set before it arrives."""
+    while True:
+        try:
+            return future.result(timeout=_POLL_S)
+        except concurrent.futures.TimeoutError:
+            if abort.is_set():
+                return None
 
 
 def _recognize_seconds(pending: _InFlight, results: Sequence[RecognitionResult]) -> float:
@@ -551,6 +680,10 @@ class _Channel:
 
     def get_nowait(self) -> Any:
         return self._queue.get_nowait()
+
+    def qsize(self) -> int:
+        return self._queue.qsize()
+
 
 
 def _batches(q: _Channel, max_size: int) -> Iterator[list[Any]]:

@@ -57,6 +57,7 @@ CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY,
     started_at TEXT NOT NULL,
     finished_at TEXT,
+    status TEXT NOT NULL DEFAULT 'running',
     config TEXT NOT NULL,
     manifest TEXT NOT NULL,
     summary TEXT
@@ -123,6 +124,8 @@ CREATE TABLE IF NOT EXISTS lines (
 # Version 1 databases gain the text lines and the per-region fields in place; their pages
 # keep what they had (no lines) until a run rewrites them.
 _MIGRATE_1_TO_2 = """
+ALTER TABLE runs ADD COLUMN status TEXT NOT NULL DEFAULT 'running';
+UPDATE runs SET status = 'finished' WHERE finished_at IS NOT NULL;
 ALTER TABLE pages ADD COLUMN lines_s REAL;
 ALTER TABLE regions ADD COLUMN origin TEXT NOT NULL DEFAULT 'layout';
 ALTER TABLE regions ADD COLUMN text_format TEXT;
@@ -382,14 +385,24 @@ class SQLiteSink:
             rows = self._conn.execute("SELECT document_id, page FROM pages WHERE status = 'ok'")
             return {PageRef(sources[doc_id], page) for doc_id, page in rows}
 
-    def finish_run(self, run_id: int, summary: dict[str, Any]) -> None:
-        """Flush pending pages, then record the run's end and summary."""
+    def finish_run(self, run_id: int, summary: dict[str, Any], status: str = "finished"
+                   ) -> None:
+        """Flush pending pages, then record the run's end, status (``finished`` or
+        ``interrupted``) and summary."""
         self.flush()
         with self._direct_lock, self._transaction(self._conn):
             self._conn.execute(
-                "UPDATE runs SET finished_at = ?, summary = ? WHERE id = ?",
-                (_now(), _json(summary), run_id),
+                "UPDATE runs SET finished_at = ?, status = ?, summary = ? WHERE id = ?",
+                (_now(), status, _json(summary), run_id),
             )
+
+    def discard_run(self, run_id: int) -> None:
+        """Forget a run that wrote no page (a re-run with nothing left to do): its row goes;
+        documents it first saw keep their pages' rows and lose only the reference."""
+        self.flush()
+        with self._direct_lock, self._transaction(self._conn):
+            self._conn.execute("UPDATE documents SET run_id = NULL WHERE run_id = ?", (run_id,))
+            self._conn.execute("DELETE FROM runs WHERE id = ?", (run_id,))
 
     # -------------------------------------------------------------- writing
 
@@ -401,6 +414,10 @@ class SQLiteSink:
             rows = self._direct.write(outcomes, self.run_id)
         with self._cond:
             self.rows_written += rows
+
+    def queued(self) -> int:
+        """Pages waiting for the writer thread now."""
+        return self._queue.qsize()
 
     def submit(self, outcome: PageOutcome) -> None:
         """Queue one page for the writer thread; blocks while the queue is full."""
