@@ -8,6 +8,7 @@ to date first and statistics are gathered for the joins (``ANALYZE``).
 
 Usage::
 
+    for page in read_pages(Path("out.db")): ...            # dicts, as JSONL writes them
     export_jsonl(Path("out.db"), Path("out.jsonl"))        # -> pages written
     export_markdown(Path("out.db"), Path("md/"))           # -> files written
     export_markdown(Path("out.db"), Path("md/"), per="document", figures=True,
@@ -188,21 +189,28 @@ def iter_pages(conn: sqlite3.Connection, *, include_furniture: bool = False
 # ---------------------------------------------------------------------------- writers
 
 
+def read_pages(db: Path, *, include_furniture: bool = False) -> Iterator[dict[str, Any]]:
+    """Every stored page as the dict JSONL export writes (regions with their lines, the
+    page's Markdown), in order: the Python API's way to read results."""
+    conn = _open(db)
+    try:
+        for page in iter_pages(conn, include_furniture=include_furniture):
+            page.pop("_regions")
+            yield page
+    finally:
+        conn.close()
+
+
 def export_jsonl(db: Path, out: Path, *, include_furniture: bool = False) -> int:
     """Write one JSON object per page to ``out``; returns pages written. Every region and
     line is written; ``include_furniture`` only affects each page's ``markdown`` field."""
-    conn = _open(db)
     count = 0
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("w", encoding="utf-8") as fh:
-            for page in iter_pages(conn, include_furniture=include_furniture):
-                page.pop("_regions")
-                fh.write(json.dumps(page, ensure_ascii=False))
-                fh.write("\n")
-                count += 1
-    finally:
-        conn.close()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", encoding="utf-8") as fh:
+        for page in read_pages(db, include_furniture=include_furniture):
+            fh.write(json.dumps(page, ensure_ascii=False))
+            fh.write("\n")
+            count += 1
     return count
 
 

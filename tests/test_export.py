@@ -13,7 +13,7 @@ from PIL import Image
 
 from orchestrator.config import SinkConfig, SourceConfig
 from orchestrator.errors import NotAFolioDatabase, SinkError, SourceError
-from orchestrator.export import compact, export_jsonl, export_markdown
+from orchestrator.export import compact, export_jsonl, export_markdown, read_pages
 from orchestrator.markdown import join_lines, page_markdown, paragraphs
 from orchestrator.show import render_page, resolve_page
 from orchestrator.sink import SQLiteSink
@@ -149,6 +149,8 @@ def test_export_jsonl(tmp_path: Path) -> None:
     assert broken["regions"] == [] and broken["markdown"] == ""
     # export runs ANALYZE first
     assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM sqlite_stat1").fetchone()[0] > 0
+    # the Python API reads the same objects
+    assert [json.loads(json.dumps(p)) for p in read_pages(db)] == lines
 
 
 def test_export_markdown_per_document_in_page_order(tmp_path: Path) -> None:
