@@ -8,10 +8,11 @@ including a run stopped by the stall watchdog (every thread's stack on stderr).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,8 @@ def _config_from_args(args: argparse.Namespace) -> FolioConfig:
             "vllm.url": args.vllm_url,
             "vllm.model": args.vllm_model,
             "sink.batch_rows": args.sink_batch_rows,
+            "pipeline.engine": args.engine,
+            "ray.address": args.ray_address,
         }
     )
 
@@ -52,7 +55,14 @@ def _add_run(sub: Any) -> None:
     p = sub.add_parser("run", help="OCR pages from files, folders, PDFs or shards into SQLite")
     p.add_argument("sources", nargs="+", metavar="SOURCE",
                    help="image file, PDF, folder, or .arrow/.parquet shard")
-    p.add_argument("--db", required=True, type=Path, help="SQLite database to write")
+    p.add_argument("--db", type=Path, help="SQLite database to write (in-process engine)")
+    p.add_argument("--engine", choices=["inprocess", "ray"],
+                   help="run in this process into --db (default), or on Ray into --out")
+    p.add_argument("--out", help="ray engine: folder or store URI (s3://...) for the Parquet "
+                                 "output, one file per unit")
+    p.add_argument("--ray-address",
+                   help="ray engine: auto (this machine's cluster) or ray://HOST:PORT; "
+                        "default: a Ray started on this machine for the run")
     p.add_argument("--config", help="TOML config file ([sources], [layout], ... tables)")
     p.add_argument("--dpi", type=int, help="PDF render resolution (default 200)")
     p.add_argument("--max-pixels", type=int, help="reject pages larger than this")
@@ -73,26 +83,20 @@ def _add_run(sub: Any) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
 
     from orchestrator.pipeline import Pipeline
-    from orchestrator.types import PageOutcome
 
     cfg = _config_from_args(args)
+    if cfg.pipeline.engine == "ray":
+        return _cmd_run_ray(args, cfg)
+    if args.db is None or args.out is not None:
+        raise ConfigError("the in-process engine writes SQLite: give --db (--out is for "
+                          "--engine ray)")
     pipeline = Pipeline(cfg)
-    bar = tqdm(unit="page", disable=args.no_progress or None, file=sys.stderr, dynamic_ncols=True)
-    errors = 0
-
-    def on_page(outcome: PageOutcome) -> None:
-        nonlocal errors
-        errors += outcome.status != "ok"
-        bar.update(1)
-        bar.set_postfix(errors=errors, refresh=False)
-
     try:
-        summary = pipeline.run(args.sources, args.db, on_page=on_page)
+        with _progress(args) as on_page:
+            summary = pipeline.run(args.sources, args.db, on_page=on_page)
     finally:
-        bar.close()
         pipeline.close()
     if args.json:
         print(json.dumps({"db": str(summary.db), "run_id": summary.run_id, **summary.to_dict()}))
@@ -101,9 +105,46 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return summary.exit_code
 
 
+@contextlib.contextmanager
+def _progress(args: argparse.Namespace) -> Iterator[Callable[[Any], None]]:
+    """A progress bar on stderr (pages, errors) and the callback that advances it."""
+    from tqdm import tqdm
+
+    bar = tqdm(unit="page", disable=args.no_progress or None, file=sys.stderr, dynamic_ncols=True)
+    errors = 0
+
+    def on_page(outcome: Any) -> None:
+        nonlocal errors
+        errors += outcome.status != "ok"
+        bar.update(1)
+        bar.set_postfix(errors=errors, refresh=False)
+
+    try:
+        yield on_page
+    finally:
+        bar.close()
+
+
+def _cmd_run_ray(args: argparse.Namespace, cfg: FolioConfig) -> int:
+    from orchestrator.engines.ray_engine import run
+
+    if args.out is None or args.db is not None:
+        raise ConfigError("--engine ray writes Parquet: give --out DIR_OR_URI, not --db "
+                          "(then `folio import OUT --db PATH` loads it into SQLite)")
+    with _progress(args) as on_page:
+        summary = run(args.sources, args.out, cfg, on_page=on_page)
+    if args.json:
+        print(json.dumps(summary.to_dict()))
+    else:
+        print(format_summary(summary))
+    return summary.exit_code
+
+
 def format_summary(summary: Any) -> str:
+    units = getattr(summary, "units", None)
     lines = [
-        f"folio run {summary.run_id} -> {summary.db}",
+        f"folio run {summary.run_id} -> {summary.db}" if units is None
+        else f"folio run (ray) -> {summary.db}",
         f"  pages      {summary.pages} ({summary.ok} ok, {summary.errors} errors, "
         f"{summary.resumed} already done, {summary.skipped_files} files skipped)",
         f"  regions    {summary.regions} ({summary.recognized} with text)",
@@ -114,6 +155,9 @@ def format_summary(summary: Any) -> str:
         lines.append("  recognition " + ", ".join(
             f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
             for k, v in summary.recognition.items()))
+    if units is not None:
+        lines.append(f"  units      {units} ({summary.units_written} written, "
+                     f"{summary.units_skipped} already complete)")
     for error in summary.first_errors:
         lines.append(f"  error      {error}")
     return "\n".join(lines)
@@ -149,6 +193,21 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.compact:
         export.compact(args.db, args.compact)
         print(f"compacted copy written to {args.compact}")
+    return EXIT_OK
+
+
+def _add_import(sub: Any) -> None:
+    p = sub.add_parser("import", help="load a Parquet output (--engine ray) into SQLite")
+    p.add_argument("out", help="the output folder or store URI of a ray run")
+    p.add_argument("--db", required=True, type=Path, help="SQLite database to write")
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from orchestrator.parquet_out import import_output
+
+    summary = import_output(args.out, args.db)
+    print(f"imported {summary.pages} pages ({summary.ok} ok, {summary.errors} errors) "
+          f"from {summary.files} files into {summary.db}")
     return EXIT_OK
 
 
@@ -206,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run(sub)
     _add_export(sub)
+    _add_import(sub)
     _add_show(sub)
     _add_models(sub)
     for module, adder in (("orchestrator.serve", "add_serve_parser"),
@@ -218,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_COMMANDS = {"run": _cmd_run, "export": _cmd_export, "show": _cmd_show, "models": _cmd_models}
+_COMMANDS = {"run": _cmd_run, "export": _cmd_export, "import": _cmd_import, "show": _cmd_show,
+             "models": _cmd_models}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
