@@ -288,6 +288,10 @@ class RayConfig:
     layout_gpus: float = 0.0  # 1 (or a share, beside vLLM) on GPU nodes
     recognize_actors: int = 1  # coverage + crop + recognition
     recognize_cpus: float = 1.0
+    # Ray custom resources each recognition actor asks for: with every GPU node started
+    # with `--resources '{"vllm": 4}'`, { vllm = 1 } puts 4 actors on each node, each then
+    # talking to its own node's server at vllm.url = http://127.0.0.1:8012.
+    recognize_resources: dict[str, float] = field(default_factory=dict)
     # vLLM servers the recognition actors spread pages over (round robin); empty: vllm.url.
     vllm_urls: tuple[str, ...] = ()
     # Environment variables handed from the driver to every task and actor (those set),

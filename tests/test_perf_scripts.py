@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import CORPUS, REPO_ROOT
 
 PERF = REPO_ROOT / "perf"
@@ -74,3 +75,17 @@ def test_bench_orient_compares_the_probes_on_the_same_verdicts(corpus_dir: Path)
     out = _run("bench_orient.py", str(corpus_dir / "pages" / "typewriter.png"))
     assert "verdicts that differ: 0 of 4" in out, out
     assert len(_ratios(out)) == 1, out
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_bench_ray_compares_the_engine_with_the_in_process_run(corpus_dir: Path) -> None:
+    pages = corpus_dir / "pages"
+    out = _run("bench_ray.py", str(pages / "typewriter.png"), str(pages / "baiona.png"))
+    for mode in ("inprocess", "ray", "ray-1", "ray-2"):
+        assert re.search(rf"^{mode} +2 pages: run [\d.]+ s = [\d.]+ pages/s; first to last "
+                         r"page [\d.]+ s$", out, re.M), out
+    assert re.search(r"^ray / in-process = ([\d.]+x|n/a) first to last page .* ([\d.]+)x whole "
+                     r"run", out, re.M), out
+    assert re.search(r"^ray 2 recognition actors / 1 = ([\d.]+x|n/a) first to last page .* "
+                     r"([\d.]+)x whole run", out, re.M), out

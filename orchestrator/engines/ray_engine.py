@@ -190,11 +190,16 @@ def ray_session(address: str | None) -> Iterator[None]:
         ray.shutdown()
 
 
-def _quiet_ray_data() -> None:
-    """folio reports progress itself; Ray Data's bars and plans would interleave."""
+def _configure_ray_data() -> None:
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
+    # A page is the unit of flow: each row its own block, so a page goes on to the next
+    # stage as soon as it is done (the stages batch rows again, batch_size). With Ray's
+    # 128 MB blocks the pages of a unit travelled together and recognition waited for the
+    # layout of the whole unit.
+    ctx.target_max_block_size = 1
+    # folio reports progress itself; Ray Data's bars and plans would interleave.
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
@@ -242,7 +247,8 @@ def _page_stream(units: Sequence[Unit], cfg: FolioConfig) -> Any:
         compute=ray.data.ActorPoolStrategy(size=r.recognize_actors,
                                            max_tasks_in_flight_per_actor=2,
                                            max_concurrent_calls_per_actor=2),
-        num_cpus=r.recognize_cpus, batch_format="numpy", runtime_env=env)
+        num_cpus=r.recognize_cpus, resources=r.recognize_resources or None,
+        batch_format="numpy", runtime_env=env)
 
 
 def run(
@@ -266,12 +272,15 @@ def run(
     with ray_session(cfg.ray.address):
         import ray.exceptions
 
-        _quiet_ray_data()
+        _configure_ray_data()
         start = time.perf_counter()
         try:
             units = _plan_all(documents, cfg)
             done = parquet_out.done_units(out)
             todo = [u for u in units if u.name not in done]
+            log.info("%d documents -> %d units in %.1f s; %d already complete",
+                     len(documents), len(units), time.perf_counter() - start,
+                     len(units) - len(todo))
             summary.units = len(units)
             summary.units_skipped = len(units) - len(todo)
             summary.resumed = sum(u.pages for u in units if u.name in done)
