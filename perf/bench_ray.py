@@ -1,27 +1,30 @@
 """The Ray engine against the in-process pipeline on the same pages, in one run.
 
-Modes, each in its own subprocess (thread settings are per process), alternating:
+Modes, each run in its own subprocess (thread settings and CPU affinity are per process),
+alternating, from cold (imports and model loading are in the timed run: the in-process
+pipeline loads its models, the Ray engine plans, starts its actors and they load theirs;
+the Ray itself is started before the clock, as a cluster is up before a job):
 
-- ``inprocess``: the pipeline into SQLite, from cold: its imports and model loading are
-  in the timed run, as the Ray run's actors import and load theirs;
-- ``ray``: ``--engine ray`` with the default [ray] section (one decode+layout actor, one
-  recognition actor with ``recognize.workers`` threads) into Parquet, on a Ray started in
-  the subprocess before the clock starts (a cluster is up before a job in real use);
-  its run includes planning, starting the actors and loading their models;
-- ``ray-1`` / ``ray-2``: one or two recognition actors with one recogniser thread each,
-  for the engine's scaling.
+- ``inprocess``: the pipeline into SQLite;
+- ``ray``: ``--engine ray`` into Parquet with the default [ray] section (one decode+layout
+  actor, one recognition actor with ``recognize.workers`` threads);
+- ``ray-1`` / ``ray-2``: the engine's scaling: Ray pinned to 1 core with one actor per
+  stage, or to 2 cores with two per stage, one recogniser thread per actor.
 
-Two rates per run: the whole run, and first to last page (the stream once it flows,
-which is what a run of 10^7 pages sees). Ratios are against the in-process run of the
-same invocation.
+Each mode runs twice per round, on the first ``--small`` documents and on all of them;
+the extra pages over the extra time is the engine's rate with its fixed start-up cost
+cancelled (what a run of 10^7 pages sees). The whole-run rate of the large run is printed
+too. Ratios are against the in-process runs of the same invocation.
 
-    .venv/bin/python perf/bench_ray.py [--rounds R] [--modes M,...] [--set KEY=VALUE] [SOURCE...]
+    .venv/bin/python perf/bench_ray.py [--small K] [--rounds R] [--modes M,...]
+                                       [--set KEY=VALUE] [SOURCE...]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -36,78 +39,76 @@ sys.path.insert(0, str(REPO))  # this checkout's folio, also for the Ray workers
 from bench_pipeline import DEFAULT_SOURCES, _overrides  # noqa: E402
 
 MODES = ("inprocess", "ray", "ray-1", "ray-2")
-MODE_SETTINGS: dict[str, dict[str, Any]] = {
-    "inprocess": {},
-    "ray": {},
-    "ray-1": {"recognize.workers": 1, "ray.recognize_actors": 1, "ray.recognize_cpus": 0.5},
-    "ray-2": {"recognize.workers": 1, "ray.recognize_actors": 2, "ray.recognize_cpus": 0.5},
+_ONE_THREAD = {"recognize.workers": 1, "ray.read_cpus": 0.25, "ray.layout_cpus": 0.25,
+               "ray.recognize_cpus": 0.5}
+# (cores Ray is pinned to, or None: all; config overrides)
+MODE_SETTINGS: dict[str, tuple[int | None, dict[str, Any]]] = {
+    "inprocess": (None, {}),
+    "ray": (None, {}),
+    "ray-1": (1, {**_ONE_THREAD, "ray.layout_actors": 1, "ray.recognize_actors": 1}),
+    "ray-2": (2, {**_ONE_THREAD, "ray.layout_actors": 2, "ray.recognize_actors": 2}),
 }
 
 
-class _Clock:
-    """When the first and the last page came out."""
-
-    def __init__(self) -> None:
-        self.first = self.last = 0.0
-        self.pages = 0
-
-    def __call__(self, _: object) -> None:
-        now = time.perf_counter()
-        self.first = self.first or now
-        self.last = now
-        self.pages += 1
-
-    def stream_s(self) -> float:
-        return self.last - self.first
-
-
 def _inprocess(sources: list[str], cfg: Any, tmp: Path) -> dict[str, float]:
-    start = time.perf_counter()  # cold, like a Ray run's actors: imports and models count
+    start = time.perf_counter()
     from orchestrator.pipeline import Pipeline
 
     pipeline = Pipeline(cfg)
-    clock = _Clock()
     try:
-        summary = pipeline.run(sources, tmp / "bench.db", on_page=clock)
+        summary = pipeline.run(sources, tmp / "bench.db")
     finally:
         pipeline.close()
-    run_s = time.perf_counter() - start
     assert summary.errors == 0, summary.first_errors
-    return {"pages": summary.pages, "run_s": run_s, "stream_s": clock.stream_s()}
+    return {"pages": summary.pages, "run_s": time.perf_counter() - start}
 
 
-def _ray(sources: list[str], cfg: Any, tmp: Path) -> dict[str, float]:
+def _ray(sources: list[str], cfg: Any, tmp: Path, cores: int | None) -> dict[str, float]:
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # 127.0.0.1 only (ray_engine)
+    if cores is not None:  # Ray's processes inherit the driver's CPU affinity
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cores])
+    import ray
+
     from orchestrator.engines import ray_engine
 
-    with ray_engine.ray_session(None):  # started before the clock
-        clock = _Clock()
+    ray.init(address="local", num_cpus=cores, include_dashboard=False,
+             logging_level=logging.WARNING)
+    try:
         start = time.perf_counter()
-        summary = ray_engine.run(sources, tmp / "out", cfg, on_page=clock)
+        summary = ray_engine.run(sources, tmp / "out", cfg)
         run_s = time.perf_counter() - start
+    finally:
+        ray.shutdown()
     assert summary.errors == 0, summary.first_errors
-    return {"pages": summary.pages, "run_s": run_s, "stream_s": clock.stream_s()}
+    return {"pages": summary.pages, "run_s": run_s}
 
 
 def _child(mode: str, sources: list[str], overrides: dict[str, Any]) -> dict[str, float]:
     from orchestrator.config import FolioConfig
 
-    cfg = FolioConfig().override({**overrides, **MODE_SETTINGS[mode]})
+    cores, settings = MODE_SETTINGS[mode]
+    cfg = FolioConfig().override({**overrides, **settings})
     with tempfile.TemporaryDirectory() as tmp:
-        runner = _inprocess if mode == "inprocess" else _ray
-        return runner(sources, cfg, Path(tmp))
+        if mode == "inprocess":
+            return _inprocess(sources, cfg, Path(tmp))
+        return _ray(sources, cfg, Path(tmp), cores)
 
 
-def _rate(runs: list[dict[str, float]], key: str) -> float:
-    """Pages per second over all rounds; first to last page counts the pages after the
-    first (the clock starts when it comes out)."""
-    pages = sum(r["pages"] - (key == "stream_s") for r in runs)
-    seconds = sum(r[key] for r in runs)
-    return pages / seconds if seconds > 0 else 0.0
+def _measure(mode: str, sources: list[str], settings: list[str]) -> dict[str, float]:
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", mode, *(f"--set={kv}" for kv in settings),
+         *sources], capture_output=True, text=True, cwd=REPO)
+    if done.returncode != 0:
+        sys.exit(f"{mode} failed:\n{done.stderr[-3000:]}")
+    result: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("sources", nargs="*", default=[str(s) for s in DEFAULT_SOURCES])
+    parser.add_argument("--small", type=int, default=2,
+                        help="documents in the small run (default: the first 2)")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--modes", default=",".join(MODES),
                         help=f"comma-separated, from {','.join(MODES)}")
@@ -121,39 +122,40 @@ def main() -> None:
     modes = args.modes.split(",")
     if unknown := set(modes) - set(MODES):
         parser.error(f"unknown modes: {', '.join(sorted(unknown))}")
-    results: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
+    if not 1 <= args.small < len(args.sources):
+        parser.error("--small must leave the large run more documents than the small one")
+    totals = {mode: [0.0, 0.0, 0.0, 0.0] for mode in modes}  # small/large pages, seconds
     for _ in range(args.rounds):
         for mode in modes:
-            done = subprocess.run(
-                [sys.executable, __file__, "--child", mode,
-                 *(f"--set={kv}" for kv in args.set), *args.sources],
-                capture_output=True, text=True, cwd=REPO,
-            )
-            if done.returncode != 0:
-                sys.exit(f"{mode} failed:\n{done.stderr[-3000:]}")
-            result = json.loads(done.stdout.strip().splitlines()[-1])
-            results[mode].append(result)
-            pages, run_s, stream_s = result["pages"], result["run_s"], result["stream_s"]
-            print(f"{mode:10s} {pages} pages: run {run_s:.1f} s = {pages / run_s:.3f} pages/s; "
-                  f"first to last page {stream_s:.1f} s", flush=True)
-    stream = {m: _rate(rs, "stream_s") for m, rs in results.items()}
-    run = {m: _rate(rs, "run_s") for m, rs in results.items()}
-    cores = os.cpu_count()
-    if "inprocess" in results and "ray" in results:
-        print(f"ray / in-process = {_ratio(stream, 'ray', 'inprocess')} first to last page "
-              f"({stream['ray']:.3f} vs {stream['inprocess']:.3f} pages/s, {cores} cores); "
-              f"{_ratio(run, 'ray', 'inprocess')} whole run ({run['ray']:.3f} vs "
-              f"{run['inprocess']:.3f}, both from cold: imports, models, Ray's actors)")
-    if "ray-1" in results and "ray-2" in results:
-        print(f"ray 2 recognition actors / 1 = {_ratio(stream, 'ray-2', 'ray-1')} first to "
-              f"last page ({stream['ray-2']:.3f} vs {stream['ray-1']:.3f} pages/s), "
-              f"{_ratio(run, 'ray-2', 'ray-1')} whole run; one recogniser thread per actor, "
-              f"{cores} cores")
+            small = _measure(mode, args.sources[:args.small], args.set)
+            large = _measure(mode, args.sources, args.set)
+            extra_pages = large["pages"] - small["pages"]
+            extra_s = large["run_s"] - small["run_s"]
+            for i, value in enumerate((small["pages"], small["run_s"], large["pages"],
+                                       large["run_s"])):
+                totals[mode][i] += value
+            print(f"{mode:10s} {large['pages']} pages: run {large['run_s']:.1f} s = "
+                  f"{large['pages'] / large['run_s']:.3f} pages/s; {small['pages']} pages: "
+                  f"{small['run_s']:.1f} s; the {extra_pages} more in {extra_s:.1f} s",
+                  flush=True)
+    marginal = {m: (t[2] - t[0]) / (t[3] - t[1]) if t[3] > t[1] else 0.0
+                for m, t in totals.items()}
+    whole = {m: t[2] / t[3] for m, t in totals.items()}
+    cores = len(os.sched_getaffinity(0))
+    if "inprocess" in totals and "ray" in totals:
+        print(f"ray / in-process = {_ratio(marginal, 'ray', 'inprocess')} without start-up "
+              f"({marginal['ray']:.3f} vs {marginal['inprocess']:.3f} pages/s, {cores} cores); "
+              f"{_ratio(whole, 'ray', 'inprocess')} whole run ({whole['ray']:.3f} vs "
+              f"{whole['inprocess']:.3f} pages/s)")
+    if "ray-1" in totals and "ray-2" in totals:
+        print(f"ray 2 cores, 2 actors per stage / 1 core, 1 actor = "
+              f"{_ratio(marginal, 'ray-2', 'ray-1')} without start-up ({marginal['ray-2']:.3f} "
+              f"vs {marginal['ray-1']:.3f} pages/s); {_ratio(whole, 'ray-2', 'ray-1')} whole run")
 
 
 def _ratio(rates: dict[str, float], top: str, bottom: str) -> str:
-    """``top / bottom`` as "1.23x", or "n/a" where a run was too short to time its
-    stream (its pages came out together)."""
+    """``top / bottom`` as "1.23x", or "n/a" where the large run took no longer than the
+    small one (too few pages to tell the rate from the noise)."""
     if rates[top] <= 0 or rates[bottom] <= 0:
         return "n/a"
     return f"{rates[top] / rates[bottom]:.2f}x"

@@ -343,6 +343,19 @@ def test_bad_inputs_become_the_same_error_rows(
     assert errors[("invalid.pdf", 1)].startswith("cannot open PDF")
 
 
+def test_a_stage_that_cannot_start_ends_the_run_as_in_process(
+    ray_address: str, config_file: Path, corpus_dir: Path, tmp_path: Path,
+) -> None:
+    command = ray_run(ray_address, config_file, tmp_path / "out",
+                      corpus_dir / "pages" / "linn.png")
+    proc = subprocess.run([*command, "--model-dir", str(tmp_path / "no-models")],
+                          capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert proc.returncode == 2, proc.stderr[-3000:]  # ModelArtifactError, as in-process
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("folio: error: no layout model manifest at "), last
+    assert not list((tmp_path / "out").glob("*.parquet"))
+
+
 def _listening(pids: set[int]) -> list[str]:
     """The addresses the given processes listen on (TCP, IPv4 and IPv6)."""
     listening: dict[str, str] = {}

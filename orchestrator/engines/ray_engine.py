@@ -34,9 +34,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator import parquet_out, storage
+from orchestrator import errors, parquet_out, storage
 from orchestrator.config import FolioConfig, SourceConfig
-from orchestrator.errors import ConfigError, EngineError
+from orchestrator.errors import ConfigError, EngineError, FolioError
 from orchestrator.pipeline import (
     RunSummary,
     StallWatchdog,
@@ -287,7 +287,7 @@ def run(
             if todo:
                 _collect(_page_stream(todo, cfg), todo, out, cfg, summary, on_page)
         except ray.exceptions.RayError as exc:
-            raise EngineError(f"the Ray pipeline failed: {_first_line(exc)}") from exc
+            raise _stage_error(exc) from exc
         summary.elapsed_s = time.perf_counter() - start
     storage.remove_temporaries(out)
     return summary
@@ -336,6 +336,20 @@ def _manifest(cfg: FolioConfig) -> dict[str, Any]:
             packages[name] = None
     return {"engine": "ray", "layout": {"backend": cfg.layout.backend},
             "recognizer": {"name": cfg.recognize.engine}, "packages": packages}
+
+
+def _stage_error(exc: BaseException) -> FolioError:
+    """The error to raise for a failed Ray pipeline: the folio error a stage raised (an
+    actor that could not load its model: ModelArtifactError, as in-process), else
+    EngineError. An actor's constructor error reaches the driver only as text (Ray keeps
+    no exception object for it), as its last line ``module.Class: message``."""
+    line = _first_line(exc)
+    name, _, message = line.partition(": ")
+    cls = getattr(errors, name.rsplit(".", 1)[-1], None) if name.startswith(
+        "orchestrator.errors.") else None
+    if isinstance(cls, type) and issubclass(cls, FolioError) and message:
+        return cls(message)
+    return EngineError(f"the Ray pipeline failed: {line}")
 
 
 def _first_line(exc: BaseException) -> str:
