@@ -56,6 +56,8 @@ def _config_from_args(args: argparse.Namespace) -> FolioConfig:
             "vllm.url": args.vllm_url,
             "vllm.model": args.vllm_model,
             "sink.batch_rows": args.sink_batch_rows,
+            "pipeline.engine": args.engine,
+            "ray.address": args.ray_address,
         }
     )
 
@@ -64,7 +66,14 @@ def _add_run(sub: Any) -> None:
     p = sub.add_parser("run", help="OCR pages from files, folders, PDFs or shards into SQLite")
     p.add_argument("sources", nargs="+", metavar="SOURCE",
                    help="image file, PDF, folder, or .arrow/.parquet shard")
-    p.add_argument("--db", required=True, type=Path, help="SQLite database to write")
+    p.add_argument("--db", type=Path, help="SQLite database to write (in-process engine)")
+    p.add_argument("--engine", choices=["inprocess", "ray"],
+                   help="run in this process into --db (default), or on Ray into --out")
+    p.add_argument("--out", help="ray engine: folder or store URI (s3://...) for the Parquet "
+                                 "output, one file per unit")
+    p.add_argument("--ray-address",
+                   help="ray engine: auto (this machine's cluster) or ray://HOST:PORT; "
+                        "default: a Ray started on this machine for the run")
     p.add_argument("--config", help="TOML config file ([sources], [layout], ... tables)")
     p.add_argument("--dpi", type=int, help="PDF render resolution (default 200)")
     p.add_argument("--max-pixels", type=int, help="reject pages larger than this")
@@ -96,6 +105,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     signals = _Interrupts(stop, drain_s=None)
     with signals:  # a signal during start-up stops the run before its first page
         cfg = _config_from_args(args)
+        if cfg.pipeline.engine == "ray":
+            return _cmd_run_ray(args, cfg)
+        if args.db is None or args.out is not None:
+            raise ConfigError("the in-process engine writes SQLite: give --db (--out is for "
+                              "--engine ray)")
         signals.drain_s = cfg.pipeline.drain_timeout_s
         check_db_writable(args.db)
         metrics = _metrics(args)
@@ -284,11 +298,31 @@ def check_db_writable(db: Path) -> None:
         raise ConfigError(f"--db {db} is not writable")
 
 
+def _cmd_run_ray(args: argparse.Namespace, cfg: FolioConfig) -> int:
+    from orchestrator.engines.ray_engine import run
+
+    if args.out is None or args.db is not None:
+        raise ConfigError("--engine ray writes Parquet: give --out DIR_OR_URI, not --db "
+                          "(then `folio import OUT --db PATH` loads it into SQLite)")
+    progress = RunProgress(disable=args.no_progress)
+    try:
+        summary = run(args.sources, args.out, cfg, on_page=progress.page)
+    finally:
+        progress.close()
+    if args.json:
+        print(json.dumps(summary.to_dict()))
+    else:
+        print(format_summary(summary))
+    return summary.exit_code
+
+
 def format_summary(summary: Any) -> str:
+    units = getattr(summary, "units", None)
     speed = (f"{summary.pages_per_s:.2f} pages/s (pages read ok)" if summary.ok
              else "n/a (no page was read ok)")
     lines = [
-        f"folio run {summary.run_id} -> {summary.db}"
+        (f"folio run {summary.run_id} -> {summary.db}" if units is None
+         else f"folio run (ray) -> {summary.db}")
         + (f"  [interrupted by {summary.interrupted}]" if summary.interrupted else ""),
         f"  pages      {summary.pages} ({summary.ok} ok, {summary.errors} errors, "
         f"{summary.resumed} already done, {summary.skipped_files} files skipped"
@@ -305,6 +339,9 @@ def format_summary(summary: Any) -> str:
         lines.append("  recognition " + ", ".join(
             f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
             for k, v in summary.recognition.items()))
+    if units is not None:
+        lines.append(f"  units      {units} ({summary.units_written} written, "
+                     f"{summary.units_skipped} already complete)")
     for error in summary.first_errors:
         lines.append(f"  error      {error}")
     return "\n".join(lines)
@@ -340,6 +377,21 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.compact:
         export.compact(args.db, args.compact)
         print(f"compacted copy written to {args.compact}")
+    return EXIT_OK
+
+
+def _add_import(sub: Any) -> None:
+    p = sub.add_parser("import", help="load a Parquet output (--engine ray) into SQLite")
+    p.add_argument("out", help="the output folder or store URI of a ray run")
+    p.add_argument("--db", required=True, type=Path, help="SQLite database to write")
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from orchestrator.parquet_out import import_output
+
+    summary = import_output(args.out, args.db)
+    print(f"imported {summary.pages} pages ({summary.ok} ok, {summary.errors} errors) "
+          f"from {summary.files} files into {summary.db}")
     return EXIT_OK
 
 
@@ -447,6 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run(sub)
     _add_export(sub)
+    _add_import(sub)
     _add_show(sub)
     _add_models(sub)
     for name, module, adder in (("serve", "orchestrator.serve", "add_serve_parser"),
@@ -455,7 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_COMMANDS = {"run": _cmd_run, "export": _cmd_export, "show": _cmd_show, "models": _cmd_models}
+_COMMANDS = {"run": _cmd_run, "export": _cmd_export, "import": _cmd_import, "show": _cmd_show,
+             "models": _cmd_models}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -268,6 +268,8 @@ class SinkConfig:
 class PipelineConfig:
     queue_pages: int = 8
     limit: int | None = None
+    # "inprocess": this process, into SQLite; "ray": a Ray cluster, into Parquet ([ray]).
+    engine: str = "inprocess"
     # A run in which no page finishes for this long prints every thread's stack and exits
     # with status 1 (0 turns the watchdog off); pages already written stay, a re-run
     # resumes. Above the slowest legitimate gap: a vLLM region's worst case is
@@ -276,6 +278,54 @@ class PipelineConfig:
     # An interrupted run (SIGINT, SIGTERM) stops reading and gives the pages in flight this
     # long to finish; those still unfinished are dropped unwritten (a re-run does them).
     drain_timeout_s: float = 10.0
+
+
+# The Ray engine's unit of work and of output: a PDF's pages or a Parquet/Arrow shard's
+# rows are cut into runs of at most this many pages (shards at row-group / record-batch
+# boundaries), each written as one Parquet file. Small enough that a crash redoes little
+# and a long PDF spreads over many workers; large enough that files stay few.
+DEFAULT_UNIT_PAGES = 64
+
+
+# The standard object-store settings of fsspec's implementations (s3fs/botocore, gcsfs,
+# huggingface_hub).
+DEFAULT_FORWARD_ENV = (
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
+    "GOOGLE_APPLICATION_CREDENTIALS", "HF_TOKEN", "HF_ENDPOINT",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RayConfig:
+    """The Ray engine (``folio run --engine ray``): where the cluster is, the unit size,
+    and each stage's actors and their resource shares.
+
+    The shares are Ray's logical resources, not threads (the stages' threads come from
+    their own sections). On a small node the actors must leave CPU to the read tasks, or
+    the reads wait forever for a free CPU: hence fractional defaults.
+    """
+
+    # None: start a Ray on this machine (listening on 127.0.0.1 only); "auto": join the
+    # cluster this machine belongs to; "ray://HOST:PORT": a remote cluster through Ray Client.
+    address: str | None = None
+    unit_pages: int = DEFAULT_UNIT_PAGES
+    read_cpus: float = 0.25  # per read task (a unit's pages: file bytes, PDF rendering)
+    layout_actors: int = 1  # decode + text lines + orientation + layout
+    layout_cpus: float = 0.5
+    layout_gpus: float = 0.0  # 1 (or a share, beside vLLM) on GPU nodes
+    recognize_actors: int = 1  # coverage + crop + recognition
+    recognize_cpus: float = 1.0
+    # Ray custom resources each recognition actor asks for: with every GPU node started
+    # with `--resources '{"vllm": 4}'`, { vllm = 1 } puts 4 actors on each node, each then
+    # talking to its own node's server at vllm.url = http://127.0.0.1:8012.
+    recognize_resources: dict[str, float] = field(default_factory=dict)
+    # vLLM servers the recognition actors spread pages over (round robin); empty: vllm.url.
+    vllm_urls: tuple[str, ...] = ()
+    # Environment variables handed from the driver to every task and actor (those set),
+    # so the workers read and write the same stores with the same credentials. They travel
+    # in the job's task specs: on nodes with credentials of their own (an IAM role), set [].
+    forward_env: tuple[str, ...] = DEFAULT_FORWARD_ENV
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,6 +340,7 @@ class FolioConfig:
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     sink: SinkConfig = field(default_factory=SinkConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
     def override(self, values: dict[str, Any]) -> FolioConfig:
         """Return a copy with dotted keys (``"section.field"``) replaced; None values skipped."""
@@ -459,6 +510,17 @@ def validate(cfg: FolioConfig) -> None:
         (cfg.pipeline.limit is None or cfg.pipeline.limit >= 1, "pipeline.limit must be >= 1"),
         (cfg.pipeline.stall_timeout_s >= 0, "pipeline.stall_timeout_s must be >= 0"),
         (cfg.pipeline.drain_timeout_s >= 0, "pipeline.drain_timeout_s must be >= 0"),
+        (cfg.pipeline.engine in ("inprocess", "ray"), "pipeline.engine must be inprocess|ray"),
+        (cfg.ray.unit_pages >= 1, "ray.unit_pages must be >= 1"),
+        (cfg.ray.read_cpus > 0, "ray.read_cpus must be > 0"),
+        (cfg.ray.layout_actors >= 1, "ray.layout_actors must be >= 1"),
+        (cfg.ray.recognize_actors >= 1, "ray.recognize_actors must be >= 1"),
+        (cfg.ray.layout_cpus >= 0 and cfg.ray.recognize_cpus >= 0,
+         "ray.layout_cpus and ray.recognize_cpus must be >= 0"),
+        (cfg.ray.layout_gpus >= 0, "ray.layout_gpus must be >= 0"),
+        (cfg.ray.address is None or cfg.ray.address == "auto"
+         or cfg.ray.address.startswith("ray://") or ":" in cfg.ray.address,
+         "ray.address must be auto, ray://HOST:PORT or HOST:PORT"),
     ]
     for task in cfg.layout.label_tasks.values():
         checks.append((task in ("text", "table", "formula", "skip", "abandon"),

@@ -70,3 +70,8 @@ class RecognizerUnavailable(RecognitionError):
 
 class SinkError(FolioError):
     """The SQLite sink failed (disk full, locked, schema mismatch)."""
+
+
+class EngineError(FolioError):
+    """The distributed engine failed: the cluster is unreachable, or a stage failed for
+    good after Ray's retries."""

@@ -126,7 +126,7 @@ class RunSummary:
     on several threads, so the sum can exceed ``elapsed_s``); ``cpu_s`` the process's CPU
     seconds (user + system) over the run."""
 
-    db: Path
+    db: Path | str  # the SQLite database; for the Ray engine, the output folder or URI
     run_id: int
     pages: int = 0
     ok: int = 0
@@ -153,6 +153,23 @@ class RunSummary:
         """Pages read to the end (ok) per second of the run: error pages cost next to
         nothing and would make a run of broken inputs look fast."""
         return self.ok / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def add(self, outcome: PageOutcome) -> None:
+        """Count one finished page."""
+        self.pages += 1
+        if outcome.status == "ok":
+            self.ok += 1
+        else:
+            self.errors += 1
+            if len(self.error_pages) < MAX_LISTED_ERRORS:
+                self.error_pages.append({"source": outcome.ref.source, "page": outcome.ref.page,
+                                         "error": outcome.error})
+        self.regions += len(outcome.regions)
+        self.recognized += sum(1 for _, r in outcome.regions if r is not None and r.text)
+        self.lines += sum(len(r.lines) for _, r in outcome.regions if r is not None)
+        for key, seconds in outcome.timings.items():
+            stage = key.removesuffix("_s")
+            self.stage_wall_s[stage] = self.stage_wall_s.get(stage, 0.0) + seconds
 
     @property
     def exit_code(self) -> int:
@@ -366,7 +383,7 @@ class Pipeline:
                     with counts_lock:
                         counts["read"] += 1
                     if page.error is not None:
-                        written(_error_outcome(page.ref, page.error, {"read_s": page.read_s}))
+                        written(error_outcome(page.ref, page.error, {"read_s": page.read_s}))
                     else:
                         to_decode.put(page)
                     count += 1
@@ -379,10 +396,11 @@ class Pipeline:
             try:
                 for batch in _batches(to_decode, self.decoder.batch_size):
                     for page, out in zip(batch, self.decoder.decode(batch), strict=True):
-                        if isinstance(out, PageError):
-                            written(_error_outcome(page.ref, str(out), {"read_s": page.read_s}))
+                        decoded = decoded_or_error(page, out)
+                        if isinstance(decoded, PageOutcome):
+                            written(decoded)
                         else:
-                            to_layout.put((page, out))
+                            to_layout.put((page, decoded))
             finally:
                 to_layout.put(_DONE)
 
@@ -391,13 +409,10 @@ class Pipeline:
                 for batch in _batches(to_layout, self.cfg.layout.batch_size):
                     encoded = [e for e, _ in batch]
                     decoded = [d for _, d in batch]
-                    try:
-                        results = self.layout.detect(decoded, encoded)
-                    except FolioError as exc:
-                        results = [PageError(f"layout failed: {exc}")] * len(batch)
-                    for page, result in zip(decoded, results, strict=True):
-                        if isinstance(result, PageError):
-                            written(_error_outcome(page.ref, str(result), _times(page)))
+                    for page, result in zip(decoded, lay_out(self.layout, decoded, encoded),
+                                            strict=True):
+                        if isinstance(result, PageOutcome):
+                            written(result)
                         else:
                             to_recognize.put((page, result))
             finally:
@@ -405,7 +420,6 @@ class Pipeline:
                     to_recognize.put(_DONE)
 
         submit = getattr(self.recognizer, "submit", None)
-        reads_lines = bool(getattr(self.recognizer, "reads_lines", True))
         # A recogniser that queues work (rapidocr's pool, vLLM) gets many pages in flight
         # from a few threads; one without ``submit`` gets one page per worker thread.
         in_flight = _Channel(self.cfg.recognize.in_flight_pages(), abort)
@@ -418,16 +432,11 @@ class Pipeline:
             try:
                 while (item := to_recognize.get()) is not _DONE:
                     page, result = item
-                    start = time.perf_counter()
-                    result = cover_page(result, page.lines, self.cfg.lines, self.cfg.layout)
-                    tasks = region_tasks(page, result, self.cfg.crop, reads_lines=reads_lines)
-                    crop_s = time.perf_counter() - start
-                    if submit is None:
-                        results = self.recognizer.recognize(tasks) if tasks else []
-                        recognize_s = time.perf_counter() - start - crop_s
-                        written(self._outcome(page, result, tasks, results, crop_s, recognize_s))
+                    started = start_recognition(self.recognizer, page, result, self.cfg)
+                    if isinstance(started, PageOutcome):
+                        written(started)
                     else:
-                        in_flight.put(_InFlight(page, result, tasks, crop_s, submit(tasks)))
+                        in_flight.put(started)
             finally:
                 if submit is not None:
                     with dispatchers_lock:
@@ -437,15 +446,10 @@ class Pipeline:
 
         def finisher() -> None:
             while (pending := in_flight.get()) is not _DONE:
-                try:
-                    results = _result_unless(pending.future, abort)
-                    if results is None:
-                        return  # the run stopped waiting: this page is dropped unwritten
-                except Exception as exc:  # the recogniser was closed or cancelled mid-page
-                    failed = RecognitionResult(text=None, error=f"recognition failed: {exc}")
-                    results = [failed] * len(pending.tasks)
-                written(self._outcome(pending.page, pending.layout, pending.tasks, results,
-                                   pending.crop_s, _recognize_seconds(pending, results)))
+                outcome = pending.outcome(abort)
+                if outcome is None:
+                    return  # the run stopped waiting: this page is dropped unwritten
+                written(outcome)
 
         threads = [threading.Thread(target=guarded(fn), name=f"folio-{name}", daemon=True)
                    for name, fn in (("read", reader), ("decode", decoder), ("layout", layout))]
@@ -486,43 +490,6 @@ class Pipeline:
                 log.warning("stage threads still busy after the drain timeout: %s",
                             ", ".join(t.name for t in threads if t.is_alive()))
                 return
-
-    @staticmethod
-    def _outcome(
-        page: DecodedPage,
-        layout: LayoutResult,
-        tasks: Sequence[RegionTask],
-        results: Sequence[RecognitionResult],
-        crop_s: float,
-        recognize_s: float,
-    ) -> PageOutcome:
-        by_index: dict[int, RecognitionResult] = {}
-        for task, result in zip(tasks, results, strict=True):
-            if not result.lines and task.lines:
-                # A recogniser that reads whole regions: the lines' boxes come from the
-                # page's detection, the text from the region.
-                result.lines = [LineText(bbox=line.bbox) for line in task.lines]
-            by_index[task.region.index] = result
-        regions: list[tuple[Region, RecognitionResult | None]] = [
-            (region, by_index.get(region.index)) for region in layout.regions
-        ]
-        failed = [r.error for r in results if r.error]
-        timings = {**_times(page), "layout_s": layout.layout_s, "crop_s": crop_s,
-                   "recognize_s": recognize_s}
-        error = None
-        if failed:
-            # The page stays retryable: a re-run redoes it and replaces its regions.
-            error = f"{len(failed)} of {len(results)} regions failed: {failed[0]}"
-        return PageOutcome(
-            ref=page.ref,
-            status="error" if failed else "ok",
-            error=error,
-            width=page.width,
-            height=page.height,
-            regions=regions,
-            timings=timings,
-            rotation=page.rotation,
-        )
 
 
 class StallWatchdog:
@@ -578,7 +545,46 @@ def _stderr_fd() -> int:
         return 2
 
 
-class _InFlight:
+def decoded_or_error(page: EncodedPage, out: DecodedPage | PageError
+                     ) -> DecodedPage | PageOutcome:
+    """A decoder's answer for one page: the decoded page, or its error outcome."""
+    if isinstance(out, PageError):
+        return error_outcome(page.ref, str(out), {"read_s": page.read_s})
+    return out
+
+
+def lay_out(layout: LayoutBackend, decoded: Sequence[DecodedPage],
+            encoded: Sequence[EncodedPage]) -> list[LayoutResult | PageOutcome]:
+    """The layout of a batch of decoded pages: each page's regions, or its error outcome
+    (a backend failing the whole batch fails each of its pages)."""
+    try:
+        results = layout.detect(decoded, encoded)
+    except FolioError as exc:
+        results = [PageError(f"layout failed: {exc}")] * len(decoded)
+    return [error_outcome(page.ref, str(result), page_times(page))
+            if isinstance(result, PageError) else result
+            for page, result in zip(decoded, results, strict=True)]
+
+
+def start_recognition(
+    recognizer: Recognizer, page: DecodedPage, layout: LayoutResult, cfg: FolioConfig
+) -> PageOutcome | InFlightPage:
+    """Coverage, crop and recognition of one laid-out page: its outcome, or, for a
+    recogniser that queues work (``submit``), the page in flight (``outcome()`` waits)."""
+    start = time.perf_counter()
+    layout = cover_page(layout, page.lines, cfg.lines, cfg.layout)
+    reads_lines = bool(getattr(recognizer, "reads_lines", True))
+    tasks = region_tasks(page, layout, cfg.crop, reads_lines=reads_lines)
+    crop_s = time.perf_counter() - start
+    submit = getattr(recognizer, "submit", None)
+    if submit is None:
+        results = recognizer.recognize(tasks) if tasks else []
+        recognize_s = time.perf_counter() - start - crop_s
+        return page_outcome(page, layout, tasks, results, crop_s, recognize_s)
+    return InFlightPage(page, layout, tasks, crop_s, submit(tasks))
+
+
+class InFlightPage:
     """A page whose regions were submitted to a queueing recogniser."""
 
     def __init__(self, page: DecodedPage, layout: LayoutResult, tasks: Sequence[RegionTask],
@@ -597,6 +603,20 @@ class _InFlight:
     def recognize_s(self) -> float:
         return self._done - self._submitted
 
+    def outcome(self, abort: threading.Event | None = None) -> PageOutcome | None:
+        """Wait for the page's regions and build its outcome; None when ``abort`` is set
+        before they arrive (the run stopped waiting)."""
+        try:
+            results = self.future.result() if abort is None else _result_unless(self.future,
+                                                                                 abort)
+            if results is None:
+                return None
+        except Exception as exc:  # the recogniser was closed or cancelled mid-page
+            failed = RecognitionResult(text=None, error=f"recognition failed: {exc}")
+            results = [failed] * len(self.tasks)
+        return page_outcome(self.page, self.layout, self.tasks, results, self.crop_s,
+                            _recognize_seconds(self, results))
+
 
 class _Counter:
     """Folds outcomes into the summary; called from several stage threads."""
@@ -607,21 +627,7 @@ class _Counter:
 
     def add(self, outcome: PageOutcome) -> None:
         with self._lock:
-            s = self._summary
-            s.pages += 1
-            if outcome.status == "ok":
-                s.ok += 1
-            else:
-                s.errors += 1
-                if len(s.error_pages) < MAX_LISTED_ERRORS:
-                    s.error_pages.append({"source": outcome.ref.source,
-                                          "page": outcome.ref.page, "error": outcome.error})
-            s.regions += len(outcome.regions)
-            s.recognized += sum(1 for _, r in outcome.regions if r is not None and r.text)
-            s.lines += sum(len(r.lines) for _, r in outcome.regions if r is not None)
-            for key, seconds in outcome.timings.items():
-                stage = key.removesuffix("_s")
-                s.stage_wall_s[stage] = s.stage_wall_s.get(stage, 0.0) + seconds
+            self._summary.add(outcome)
 
 
 def _result_unless(future: concurrent.futures.Future[list[RecognitionResult]],
@@ -635,7 +641,46 @@ def _result_unless(future: concurrent.futures.Future[list[RecognitionResult]],
                 return None
 
 
-def _recognize_seconds(pending: _InFlight, results: Sequence[RecognitionResult]) -> float:
+def page_outcome(
+    page: DecodedPage,
+    layout: LayoutResult,
+    tasks: Sequence[RegionTask],
+    results: Sequence[RecognitionResult],
+    crop_s: float,
+    recognize_s: float,
+) -> PageOutcome:
+    """A recognised page's outcome: every stage that ends a page (this pipeline's
+    recogniser threads, the Ray engine's recognition actors) builds it here."""
+    by_index: dict[int, RecognitionResult] = {}
+    for task, result in zip(tasks, results, strict=True):
+        if not result.lines and task.lines:
+            # A recogniser that reads whole regions: the lines' boxes come from the
+            # page's detection, the text from the region.
+            result.lines = [LineText(bbox=line.bbox) for line in task.lines]
+        by_index[task.region.index] = result
+    regions: list[tuple[Region, RecognitionResult | None]] = [
+        (region, by_index.get(region.index)) for region in layout.regions
+    ]
+    failed = [r.error for r in results if r.error]
+    timings = {**page_times(page), "layout_s": layout.layout_s, "crop_s": crop_s,
+               "recognize_s": recognize_s}
+    error = None
+    if failed:
+        # The page stays retryable: a re-run redoes it and replaces its regions.
+        error = f"{len(failed)} of {len(results)} regions failed: {failed[0]}"
+    return PageOutcome(
+        ref=page.ref,
+        status="error" if failed else "ok",
+        error=error,
+        width=page.width,
+        height=page.height,
+        regions=regions,
+        timings=timings,
+        rotation=page.rotation,
+    )
+
+
+def _recognize_seconds(pending: InFlightPage, results: Sequence[RecognitionResult]) -> float:
     """A page's recognition time: the thread-seconds its regions took where the recogniser
     reports them (rapidocr's pool, whose pages overlap in the queue), else how long the
     page waited for its results (vLLM: the work happens on the server)."""
@@ -645,11 +690,11 @@ def _recognize_seconds(pending: _InFlight, results: Sequence[RecognitionResult])
     return sum(work)
 
 
-def _times(page: DecodedPage) -> dict[str, float]:
+def page_times(page: DecodedPage) -> dict[str, float]:
     return {"read_s": page.read_s, "decode_s": page.decode_s, "lines_s": page.lines_s}
 
 
-def _error_outcome(ref: Any, error: str, timings: dict[str, float]) -> PageOutcome:
+def error_outcome(ref: Any, error: str, timings: dict[str, float]) -> PageOutcome:
     return PageOutcome(ref=ref, status="error", error=error, width=None, height=None,
                        regions=[], timings=timings)
 

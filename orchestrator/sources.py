@@ -301,21 +301,26 @@ class PdfSource:
             finally:
                 pdf.close()
 
+    def _document_input(self) -> tuple[Any, int]:
+        """What PDFium opens (the path; a seekable file object for a stored object) and
+        its size in bytes. Raises OSError when it cannot be read."""
+        return self.path, self.path.stat().st_size
+
     def _open(self) -> tuple[Any, str]:
         import pypdfium2 as pdfium
 
         try:
-            size = self.path.stat().st_size
+            data, size = self._document_input()
         except OSError as exc:
             return None, f"cannot read file: {_reason(exc)}"
         if size == 0:
+            _close_input(data)
             return None, "file is empty (0 bytes)"
         with _PDFIUM_LOCK:
             try:
-                pdf = pdfium.PdfDocument(self.path)
-            except pdfium.PdfiumError as exc:
-                return None, f"cannot open PDF: {_reason(exc)}"
-            except (OSError, ValueError) as exc:
+                pdf = pdfium.PdfDocument(data, autoclose=True)
+            except (pdfium.PdfiumError, OSError, ValueError) as exc:
+                _close_input(data)
                 return None, f"cannot open PDF: {_reason(exc)}"
             # Filled-in form fields are drawn only with forms initialised; optional.
             with contextlib.suppress(Exception):
@@ -385,6 +390,13 @@ class PdfSource:
                 if page is not None:
                     page.close()
         return EncodedPage(ref, pixels=pixels, read_s=time.perf_counter() - start)
+
+
+def _close_input(data: Any) -> None:
+    """Close a file object PDFium was to read (a path needs nothing)."""
+    close = getattr(data, "close", None)
+    if callable(close):
+        close()
 
 
 # ---------------------------------------------------------------------------- shards
@@ -475,10 +487,16 @@ class ArrowShardSource:
         self.source = source
         self._column = cfg.image_column
 
+    def _input(self) -> Any:
+        """The shard as a seekable pyarrow file (here memory-mapped)."""
+        import pyarrow as pa
+
+        return pa.memory_map(str(self.path), "r")
+
     def _batches(self) -> Iterator[Any]:
         import pyarrow as pa
 
-        with pa.memory_map(str(self.path), "r") as mapped:
+        with self._input() as mapped:
             head = mapped.read(8)
             mapped.seek(0)
             if head.startswith(_ARROW_FILE_MAGIC):
@@ -542,10 +560,14 @@ class ParquetShardSource:
         self.source = source
         self._column = cfg.image_column
 
-    def _open(self) -> Any:
+    def _parquet_file(self) -> Any:
+        """The shard opened for reading (here memory-mapped)."""
         import pyarrow.parquet as pq
 
-        pf = pq.ParquetFile(str(self.path), memory_map=True)
+        return pq.ParquetFile(str(self.path), memory_map=True)
+
+    def _open(self) -> Any:
+        pf = self._parquet_file()
         if self._column not in pf.schema_arrow.names:
             raise SourceError(
                 f"no column {self._column!r} (sources.image_column); "
@@ -617,6 +639,11 @@ def _sniff(path: Path) -> str | None:
             head = fh.read(16)
     except OSError:
         return None
+    return sniff_bytes(head)
+
+
+def sniff_bytes(head: bytes) -> str | None:
+    """The kind of a document by its first 16 bytes (as ``_sniff``)."""
     if head.startswith(b"%PDF") or b"%PDF-" in head:
         return "pdf"
     if head.startswith(_ARROW_FILE_MAGIC) or head.startswith(_ARROW_STREAM_MAGIC):

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import CORPUS, REPO_ROOT
 
 PERF = REPO_ROOT / "perf"
@@ -116,3 +117,18 @@ def test_gpu_run_prepares_its_inputs_and_dry_runs_on_the_cpu(tmp_path: Path) -> 
     assert len(re.findall(r"3 of 3 pages agree box for box", agree)) == 2, agree
     for name in ("bench", "agree", "memory", "crop"):
         assert json.loads((out / f"{name}.json").read_text()), name
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_bench_ray_compares_the_engine_with_the_in_process_run(corpus_dir: Path) -> None:
+    pages = corpus_dir / "pages"
+    out = _run("bench_ray.py", "--small", "1", str(pages / "typewriter.png"),
+               str(pages / "baiona.png"))
+    for mode in ("inprocess", "ray", "ray-1", "ray-2"):
+        assert re.search(rf"^{mode} +2 pages: run [\d.]+ s = [\d.]+ pages/s; 1 pages: [\d.]+ s; "
+                         r"the 1 more in -?[\d.]+ s$", out, re.M), out
+    assert re.search(r"^ray / in-process = ([\d.]+x|n/a) without start-up .* [\d.]+x whole run",
+                     out, re.M), out
+    assert re.search(r"^ray 2 cores, 2 actors per stage / 1 core, 1 actor = ([\d.]+x|n/a) "
+                     r"without start-up .* [\d.]+x whole run", out, re.M), out
