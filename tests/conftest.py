@@ -1,4 +1,4 @@
-"""Shared test fixtures: the workplace corpus and the layout model artifacts."""
+"""Shared test fixtures: the corpus of real documents and the layout model artifacts."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# The workplace's shared/ sits beside the checkout; the Makefile also finds it beside the
+# shared/ (the corpus) sits beside the checkout; the Makefile also finds it beside the
 # clone's origin and passes it in FOLIO_SHARED.
 CORPUS = Path(os.environ.get("FOLIO_SHARED") or REPO_ROOT.parent / "shared") / "corpus"
 MODEL_DIR = REPO_ROOT / "build" / "models"

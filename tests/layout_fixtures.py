@@ -1,7 +1,6 @@
 """Helpers for the layout tests: corpus pages as model inputs, a pure-Python NMS reference.
 
-Imported by ``test_layout.py`` and ``test_postprocess.py`` (not a conftest: the lead owns
-``tests/conftest.py``).
+Imported by ``test_layout.py`` and ``test_postprocess.py``.
 """
 
 from __future__ import annotations

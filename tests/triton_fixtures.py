@@ -1,4 +1,4 @@
-"""Helpers for the Triton tests (not a conftest: the lead owns ``tests/conftest.py``)."""
+"""Helpers for the Triton tests."""
 
 from __future__ import annotations
 
