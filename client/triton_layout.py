@@ -8,7 +8,7 @@ failures) per page, a readiness wait, and typed results (``Detections``).
 
 ``TritonLayoutClient`` is the same client behind a synchronous facade, for a pipeline
 thread: it owns an event loop in a daemon thread. ``TritonLayoutBackend`` plugs it into
-``orchestrator.pipeline`` (``folio run --layout triton``) and returns ``LayoutResult``.
+``orchestrator.engines.pipeline`` (``folio run --layout triton``) and returns ``LayoutResult``.
 
 Per-page errors from the server come back as the ``PageError`` they name
 (``PageDecodeError``, ``PixelLimitExceeded``); a server that stays away longer than the
@@ -51,7 +51,7 @@ from orchestrator.errors import (
     LayoutServerUnreachable,
     PageError,
 )
-from orchestrator.triton_stages import error_from_message
+from orchestrator.serving.triton_stages import error_from_message
 from orchestrator.types import Detections
 
 if TYPE_CHECKING:
@@ -348,7 +348,7 @@ def encode_pixels(pixels: np.ndarray) -> bytes:
 
 
 class TritonLayoutBackend:
-    """``orchestrator.pipeline.LayoutBackend`` over the ``folio_layout`` ensemble."""
+    """``orchestrator.engines.pipeline.LayoutBackend`` over the ``folio_layout`` ensemble."""
 
     name = "triton"
 
@@ -370,7 +370,7 @@ class TritonLayoutBackend:
     def detect(
         self, pages: Sequence[DecodedPage], encoded: Sequence[EncodedPage]
     ) -> list[LayoutResult | PageError]:
-        from orchestrator.layout import layout_result
+        from orchestrator.stages.layout import layout_result
 
         start = time.perf_counter()
         items: list[bytes | PageError] = []

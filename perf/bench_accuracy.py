@@ -89,7 +89,7 @@ def render(out: Path, dpi: int, register_pages: int, limit: int | None,
 def run_folio(pages: list[Page], work: Path, overrides: dict[str, Any]) -> float:
     """OCR the pages with folio; fills each page's scores; returns pages/s."""
     from orchestrator.config import FolioConfig
-    from orchestrator.pipeline import Pipeline
+    from orchestrator.engines.pipeline import Pipeline
 
     cfg = FolioConfig().override(overrides)
     pipeline = Pipeline(cfg)

@@ -33,7 +33,7 @@ from corpus import CORPUS_PAGES
 from PIL import Image
 
 from orchestrator.config import SourceConfig
-from orchestrator.sources import open_sources
+from orchestrator.stages.sources import open_sources
 
 CORPUS = CORPUS_PAGES
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])

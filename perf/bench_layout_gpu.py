@@ -42,10 +42,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from corpus import CORPUS_PAGES
 
-from orchestrator import postprocess, postprocess_torch
 from orchestrator.config import FolioConfig
 from orchestrator.errors import ConfigError, LayoutError
-from orchestrator.layout_gpu import GpuLayoutStage, TorchDecoder
+from orchestrator.stages import postprocess, postprocess_torch
+from orchestrator.stages.layout_gpu import GpuLayoutStage, TorchDecoder
 from orchestrator.types import LayoutResult
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp")

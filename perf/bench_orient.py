@@ -18,10 +18,10 @@ import time
 from corpus import CORPUS_PAGES
 
 from orchestrator.config import FolioConfig
-from orchestrator.decode import Decoder
-from orchestrator.orient import OrientationDetector, rotate_clockwise
-from orchestrator.sources import open_sources
-from orchestrator.textlines import LineDetector
+from orchestrator.stages.decode import Decoder
+from orchestrator.stages.orient import OrientationDetector, rotate_clockwise
+from orchestrator.stages.sources import open_sources
+from orchestrator.stages.textlines import LineDetector
 
 
 def main() -> None:

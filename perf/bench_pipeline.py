@@ -54,13 +54,13 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
 def _naive(sources: list[str], db: Path, limit: int, overrides: dict[str, Any],
            staged: bool = False) -> dict[str, float]:
     from orchestrator.config import FolioConfig
-    from orchestrator.coverage import cover_page
-    from orchestrator.crop import region_tasks
-    from orchestrator.decode import Decoder
-    from orchestrator.pipeline import InProcessLayout
-    from orchestrator.recognize import RapidOCRRecognizer
-    from orchestrator.sink import SQLiteSink
-    from orchestrator.sources import open_sources
+    from orchestrator.engines.pipeline import InProcessLayout
+    from orchestrator.stages.coverage import cover_page
+    from orchestrator.stages.crop import region_tasks
+    from orchestrator.stages.decode import Decoder
+    from orchestrator.stages.recognize import RapidOCRRecognizer
+    from orchestrator.stages.sink import SQLiteSink
+    from orchestrator.stages.sources import open_sources
     from orchestrator.types import PageOutcome
 
     cores = os.cpu_count() or 1
@@ -117,8 +117,8 @@ class _OnePagePerWorker:
 def _pipeline(sources: list[str], db: Path, limit: int, overrides: dict[str, Any],
               pool: bool = True) -> dict[str, float]:
     from orchestrator.config import FolioConfig
-    from orchestrator.pipeline import Pipeline
-    from orchestrator.recognize import RapidOCRRecognizer
+    from orchestrator.engines.pipeline import Pipeline
+    from orchestrator.stages.recognize import RapidOCRRecognizer
 
     cfg = FolioConfig().override({**overrides, "pipeline.limit": limit})
     pipeline = Pipeline(cfg, recognizer=None if pool else _OnePagePerWorker(

@@ -6,7 +6,7 @@ objects as a detector's are, then times:
 
 - ``postprocess`` end to end (threshold, top-k, decode, class-aware NMS, containment,
   rescale, reading order), per page, at batch 1 and at ``--batch``;
-- the NMS step alone: ``orchestrator.postprocess.nms`` (IoU matrix) against a plain
+- the NMS step alone: ``orchestrator.stages.postprocess.nms`` (IoU matrix) against a plain
   Python pairwise greedy NMS on the same candidates, in the same run.
 
 Usage::
@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from orchestrator.config import LayoutConfig
-from orchestrator.postprocess import (
+from orchestrator.stages.postprocess import (
     anchor_centers,
     class_thresholds,
     decode_distances,

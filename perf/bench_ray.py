@@ -52,7 +52,7 @@ MODE_SETTINGS: dict[str, tuple[int | None, dict[str, Any]]] = {
 
 def _inprocess(sources: list[str], cfg: Any, tmp: Path) -> dict[str, float]:
     start = time.perf_counter()
-    from orchestrator.pipeline import Pipeline
+    from orchestrator.engines.pipeline import Pipeline
 
     pipeline = Pipeline(cfg)
     try:

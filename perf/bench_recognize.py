@@ -21,12 +21,12 @@ import time
 from corpus import CORPUS_PAGES, REPO
 
 from orchestrator.config import FolioConfig
-from orchestrator.coverage import cover_page
-from orchestrator.crop import region_tasks
-from orchestrator.decode import Decoder
-from orchestrator.pipeline import InProcessLayout
-from orchestrator.recognize import RapidOCRRecognizer
-from orchestrator.sources import open_sources
+from orchestrator.engines.pipeline import InProcessLayout
+from orchestrator.stages.coverage import cover_page
+from orchestrator.stages.crop import region_tasks
+from orchestrator.stages.decode import Decoder
+from orchestrator.stages.recognize import RapidOCRRecognizer
+from orchestrator.stages.sources import open_sources
 from orchestrator.types import DecodedPage, LayoutResult
 
 sys.path.insert(0, str(REPO / "tests"))

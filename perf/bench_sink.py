@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from orchestrator.config import SinkConfig
-from orchestrator.sink import SQLiteSink, _now, _Writer, ensure_schema
+from orchestrator.stages.sink import SQLiteSink, _now, _Writer, ensure_schema
 from orchestrator.types import PageOutcome, PageRef, RecognitionResult, Region, Task
 
 WORDS = [

@@ -45,8 +45,8 @@ import numpy as np
 from PIL import Image
 
 from orchestrator.config import VLLMConfig
-from orchestrator.profiles import BUILTIN_PROFILES, GLM_OCR, ModelProfile
-from orchestrator.recognize_vllm import (
+from orchestrator.stages.profiles import BUILTIN_PROFILES, GLM_OCR, ModelProfile
+from orchestrator.stages.recognize_vllm import (
     CHAT_PATH,
     EncodedCrop,
     VLLMRecognizer,

@@ -1,13 +1,13 @@
 """Ensemble-over-gRPC time vs in-process time for the same pages (target: <= 1.3x).
 
 In-process is folio's own layout path in one process: the DALI decoder
-(``orchestrator.decode.Decoder``) and ``LayoutModel.detect`` (TorchScript FP32 +
+(``orchestrator.stages.decode.Decoder``) and ``LayoutModel.detect`` (TorchScript FP32 +
 ``postprocess``), with the pipeline's thread settings (``layout.threads``, one decode
 thread), in two modes:
 
 - ``sequential``: one page at a time, decode then detect (latency);
 - ``pipelined``: decode batches in one thread, detect them in another, batch
-  ``layout.batch_size`` -- what ``orchestrator.pipeline`` does between its decode and
+  ``layout.batch_size`` -- what ``orchestrator.engines.pipeline`` does between its decode and
   layout stages (throughput).
 
 Over gRPC the same bytes go through ``folio_layout`` with folio's client: ``sequential``
@@ -40,9 +40,9 @@ from orchestrator.types import EncodedPage, PageRef
 
 class InProcess:
     def __init__(self, cfg: FolioConfig) -> None:
-        from orchestrator.decode import Decoder
-        from orchestrator.layout import LayoutModel
-        from orchestrator.pipeline import cap_threads
+        from orchestrator.engines.pipeline import cap_threads
+        from orchestrator.stages.decode import Decoder
+        from orchestrator.stages.layout import LayoutModel
 
         cap_threads(cfg)
         self.cfg = cfg

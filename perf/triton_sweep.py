@@ -98,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     server = None
     url = args.url
     if url is None:
-        from orchestrator.serve import ServerPorts, start_server
-        from orchestrator.triton_repo import build_repository
+        from orchestrator.serving.serve import ServerPorts, start_server
+        from orchestrator.serving.triton_repo import build_repository
 
         # Its own copy: rebuilding build/model_repository/cpu (`folio serve --target cpu`)
         # must not pull the files from under the server being measured.

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from orchestrator.config import REPO_ROOT, LayoutConfig
-from orchestrator.models import LAYOUT_WHEEL_NAME
+from orchestrator.models.artifacts import LAYOUT_WHEEL_NAME
 
 LAYOUT_WHEEL = REPO_ROOT / "build" / "wheels" / LAYOUT_WHEEL_NAME
 # Real pages: a two-column brochure (palette PNG), typewritten text, text with pictures.
@@ -87,7 +87,7 @@ def corpus_pages_bgr(pages_dir: Path, dpi: int = 200) -> list[tuple[str, np.ndar
     """Every page of the corpus folder as (name, HWC uint8 BGR): images through their
     palette (``load_bgr``), PDFs rendered by folio's own source at ``dpi``."""
     from orchestrator.config import SourceConfig
-    from orchestrator.sources import open_sources
+    from orchestrator.stages.sources import open_sources
 
     pages: list[tuple[str, np.ndarray]] = []
     for page in open_sources([pages_dir], SourceConfig(dpi=dpi)).pages():

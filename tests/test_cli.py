@@ -53,9 +53,9 @@ def test_usage_errors_are_one_line(args: list[str], words: list[str]) -> None:
 
 
 @pytest.mark.parametrize("module,command", [
-    ("orchestrator.serve", "serve"),
-    ("orchestrator.triton_repo", "repo"),
-    ("orchestrator.export_doclayout", "models export-layout"),
+    ("orchestrator.serving.serve", "serve"),
+    ("orchestrator.serving.triton_repo", "repo"),
+    ("orchestrator.models.export_doclayout", "models export-layout"),
 ])
 def test_a_command_that_cannot_load_fails_loudly(
     module: str, command: str, monkeypatch: pytest.MonkeyPatch,
@@ -153,7 +153,7 @@ def test_db_on_read_only_media(tmp_path: Path, corpus_dir: Path) -> None:
     """A finished database on read-only media exports (opened read-only); a run that
     would write there stops with a usage error before reading any page."""
     from orchestrator.config import SinkConfig
-    from orchestrator.sink import SQLiteSink
+    from orchestrator.stages.sink import SQLiteSink
     from orchestrator.types import PageOutcome, PageRef, RecognitionResult, Region, Task
 
     media = tmp_path / "media"

@@ -7,9 +7,15 @@ import numpy as np
 import pytest
 
 from orchestrator.config import LayoutConfig, LinesConfig
-from orchestrator.coverage import assign_lines, cover_page, line_blocks, line_cores, line_rows
-from orchestrator.postprocess import reading_order
-from orchestrator.textlines import rotate_lines
+from orchestrator.stages.coverage import (
+    assign_lines,
+    cover_page,
+    line_blocks,
+    line_cores,
+    line_rows,
+)
+from orchestrator.stages.postprocess import reading_order
+from orchestrator.stages.textlines import rotate_lines
 from orchestrator.types import LayoutResult, Origin, PageLines, Region, Task
 
 

@@ -1,4 +1,4 @@
-"""Crops cut and encoded where the page is (``orchestrator.crop_gpu``), here on CPU tensors,
+"""Crops cut and encoded where the page is (``orchestrator.stages.crop_gpu``), here on CPU tensors,
 against the host path the vLLM recogniser runs today (``crop.region_tasks`` +
 ``recognize_vllm.encode_crop``) on a real page."""
 
@@ -15,10 +15,10 @@ import torch
 from layout_fixtures import load_bgr
 
 from orchestrator.config import CropConfig
-from orchestrator.crop import region_tasks
-from orchestrator.crop_gpu import region_crops, to_encoded_crop
-from orchestrator.profiles import GLM_OCR, QWEN2_VL_TINY, ModelProfile
-from orchestrator.recognize_vllm import encode_crop
+from orchestrator.stages.crop import region_tasks
+from orchestrator.stages.crop_gpu import region_crops, to_encoded_crop
+from orchestrator.stages.profiles import GLM_OCR, QWEN2_VL_TINY, ModelProfile
+from orchestrator.stages.recognize_vllm import encode_crop
 from orchestrator.types import DecodedPage, LayoutResult, PageRef, Region, Task
 
 

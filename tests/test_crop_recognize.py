@@ -13,10 +13,10 @@ import pytest
 from textmetrics import word_f1
 
 from orchestrator.config import CropConfig, LayoutConfig, LinesConfig, RecognizeConfig
-from orchestrator.coverage import cover_page
-from orchestrator.crop import crop_bounds, crop_region, region_tasks
 from orchestrator.errors import ConfigError, RecognitionError
-from orchestrator.recognize import (
+from orchestrator.stages.coverage import cover_page
+from orchestrator.stages.crop import crop_bounds, crop_region, region_tasks
+from orchestrator.stages.recognize import (
     REC_MODEL,
     OpenVINOSession,
     RapidOCRRecognizer,
@@ -26,7 +26,7 @@ from orchestrator.recognize import (
     region_text,
     text_confidence,
 )
-from orchestrator.textlines import LineDetector
+from orchestrator.stages.textlines import LineDetector
 from orchestrator.types import (
     DecodedPage,
     LayoutResult,
@@ -270,7 +270,7 @@ def test_bf16_line_inputs_are_padded_to_the_width_bucket() -> None:
 _FIRST_CALLS_RACE = """
 import sys, threading
 import numpy as np
-from orchestrator.recognize import REC_MODEL, OpenVINOSession, _rapidocr_models
+from orchestrator.stages.recognize import REC_MODEL, OpenVINOSession, _rapidocr_models
 
 session = OpenVINOSession(_rapidocr_models() / REC_MODEL, threads=1, precision="bf16",
                           width_bucket=32)

@@ -12,8 +12,8 @@ from PIL import Image
 
 from dali_pipelines.layout_preprocess import LayoutPreprocessor
 from orchestrator.config import DecodeConfig, SourceConfig
-from orchestrator.decode import Decoder, check_encoded
 from orchestrator.errors import PageDecodeError, PixelLimitExceeded
+from orchestrator.stages.decode import Decoder, check_encoded
 from orchestrator.types import EncodedPage, PageRef
 
 
@@ -112,7 +112,7 @@ def test_a_gif_named_png_gets_a_reason_not_a_stack_frame(decoder: Decoder,
 def test_dali_errors_give_their_reason_not_the_quoted_frame() -> None:
     """DALI quotes the pipeline definition's stack frame before the reason; the page's
     error text is the reason."""
-    from orchestrator.decode import _first_line
+    from orchestrator.stages.decode import _first_line
 
     dali = ('Critical error in pipeline:\nError in CPU operator `nvidia.dali.fn.decoders.image`,'
             '\nwhich was used in the pipeline definition with the following traceback:\n\n'

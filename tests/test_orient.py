@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from orchestrator.config import DecodeConfig, LinesConfig, SourceConfig
-from orchestrator.decode import Decoder
-from orchestrator.orient import OrientationDetector, rotate_clockwise
-from orchestrator.textlines import LineDetector
+from orchestrator.stages.decode import Decoder
+from orchestrator.stages.orient import OrientationDetector, rotate_clockwise
+from orchestrator.stages.textlines import LineDetector
 from orchestrator.types import EncodedPage, PageRef, UInt8Array
 
 _LINES = LineDetector(LinesConfig())

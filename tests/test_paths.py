@@ -11,7 +11,7 @@ import pytest
 
 from orchestrator.config import FolioConfig, load_config
 from orchestrator.errors import ModelArtifactError
-from orchestrator.models import LAYOUT_WHEEL_NAME, load_manifest
+from orchestrator.models.artifacts import LAYOUT_WHEEL_NAME, load_manifest
 from orchestrator.paths import CACHE_ENV, cache_dir, template_root
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,9 +13,9 @@ from typing import Any, ClassVar
 import pytest
 
 from orchestrator.config import FolioConfig
+from orchestrator.engines.pipeline import Pipeline
 from orchestrator.errors import LayoutError, PageError
-from orchestrator.pipeline import Pipeline
-from orchestrator.recognize import RapidOCRRecognizer
+from orchestrator.stages.recognize import RapidOCRRecognizer
 from orchestrator.types import DecodedPage, EncodedPage, LayoutResult
 
 
@@ -88,7 +88,7 @@ _STALLED_RUN = """
 import ctypes, sqlite3, sys, time
 from pathlib import Path
 from orchestrator.config import FolioConfig
-from orchestrator.pipeline import Pipeline
+from orchestrator.engines.pipeline import Pipeline
 from orchestrator.types import RecognitionResult
 
 
@@ -140,7 +140,7 @@ def test_a_run_that_stops_making_progress_exits_with_every_stack(
 
 _SHARED_TIMER = """
 import sys, time
-from orchestrator.pipeline import StallWatchdog
+from orchestrator.engines.pipeline import StallWatchdog
 
 first, second = StallWatchdog(1.0), StallWatchdog(1.0)
 with first:

@@ -1,8 +1,8 @@
 """Layout post-processing on synthetic arrays: decode, thresholds, NMS, containment, order.
 
 One suite for both implementations: every test that runs the algorithm takes ``impl``,
-the numpy version (``orchestrator.postprocess``) or the torch one
-(``orchestrator.postprocess_torch``, here on CPU tensors) behind the same numpy interface.
+the numpy version (``orchestrator.stages.postprocess``) or the torch one
+(``orchestrator.stages.postprocess_torch``, here on CPU tensors) behind the same numpy interface.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import pytest
 import torch
 from layout_fixtures import python_nms, random_boxes
 
-from orchestrator import postprocess as numpy_impl
-from orchestrator import postprocess_torch as torch_impl
 from orchestrator.config import LayoutConfig
 from orchestrator.errors import ConfigError, LayoutError
-from orchestrator.postprocess import anchor_centers, class_thresholds, reading_order
+from orchestrator.stages import postprocess as numpy_impl
+from orchestrator.stages import postprocess_torch as torch_impl
+from orchestrator.stages.postprocess import anchor_centers, class_thresholds, reading_order
 from orchestrator.types import Detections
 
 

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from orchestrator.export import iter_pages
+from orchestrator.output.export import iter_pages
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 

@@ -20,7 +20,7 @@ import pytest
 
 from orchestrator.cli import RunProgress
 from orchestrator.config import SourceConfig
-from orchestrator.sources import open_sources
+from orchestrator.stages.sources import open_sources
 
 REPO = Path(__file__).resolve().parents[1]
 FOLIO = [sys.executable, "-m", "orchestrator.cli"]

@@ -17,7 +17,7 @@ import pytest
 
 from orchestrator.config import SinkConfig
 from orchestrator.errors import SinkError
-from orchestrator.sink import SQLiteSink, run_stats
+from orchestrator.stages.sink import SQLiteSink, run_stats
 from orchestrator.types import (
     LineText,
     Origin,
@@ -287,7 +287,7 @@ KILL_WRITER = textwrap.dedent(
     from pathlib import Path
     sys.path.insert(0, sys.argv[2])
     from orchestrator.config import SinkConfig
-    from orchestrator.sink import SQLiteSink
+    from orchestrator.stages.sink import SQLiteSink
     from orchestrator.types import PageOutcome, PageRef, RecognitionResult, Region, Task
 
     sink = SQLiteSink(Path(sys.argv[1]), SinkConfig(batch_rows=37, flush_interval_s=0.01))

@@ -16,10 +16,10 @@ import pypdfium2 as pdfium
 import pytest
 from PIL import Image
 
-from orchestrator import sources as sources_mod
 from orchestrator.config import SourceConfig
 from orchestrator.errors import SourceError
-from orchestrator.sources import PageSource, PdfSource, load_page, open_sources
+from orchestrator.stages import sources as sources_mod
+from orchestrator.stages.sources import PageSource, PdfSource, load_page, open_sources
 from orchestrator.types import EncodedPage, PageRef
 
 CFG = SourceConfig()
@@ -303,7 +303,7 @@ def test_long_pdf_memory_stays_bounded(corpus: Path, tmp_path: Path) -> None:
     script = (
         "import os, sys\n"
         "from orchestrator.config import SourceConfig\n"
-        "from orchestrator.sources import open_sources\n"
+        "from orchestrator.stages.sources import open_sources\n"
         "def rss():\n"
         "    with open('/proc/self/statm') as fh:\n"
         "        return int(fh.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 1e6\n"

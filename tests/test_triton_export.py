@@ -14,14 +14,14 @@ transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
 from orchestrator.config import FolioConfig, LayoutConfig  # noqa: E402
-from orchestrator.export_doclayout import (  # noqa: E402
+from orchestrator.models.artifacts import load_manifest  # noqa: E402
+from orchestrator.models.export_doclayout import (  # noqa: E402
     export_doclayout,
     make_export_module,
     postprocess_doclayout,
 )
-from orchestrator.models import load_manifest  # noqa: E402
-from orchestrator.triton_repo import build_repository, load_model_config  # noqa: E402
-from orchestrator.triton_stages import LayoutStage, PostprocessStage  # noqa: E402
+from orchestrator.serving.triton_repo import build_repository, load_model_config  # noqa: E402
+from orchestrator.serving.triton_stages import LayoutStage, PostprocessStage  # noqa: E402
 
 SIZE = 256
 LABELS = ["text", "title", "table", "figure", "header"]
@@ -125,7 +125,7 @@ def test_postprocess_selects_like_transformers(exported: Path) -> None:
 
 def test_in_process_layout_model_runs_the_exported_head(exported: Path) -> None:
     """LayoutModel.detect dispatches on the manifest's head, as the Triton step does."""
-    from orchestrator.layout import LayoutModel
+    from orchestrator.stages.layout import LayoutModel
 
     cfg = _cfg(exported)
     model = LayoutModel(cfg.layout, device="cpu")
@@ -158,7 +158,7 @@ def test_repository_serves_the_exported_model(exported: Path, tmp_path: Path) ->
 
 
 def test_cli_refuses_a_folder_without_a_checkpoint(tmp_path: Path) -> None:
-    from orchestrator.export_doclayout import main_export_layout
+    from orchestrator.models.export_doclayout import main_export_layout
 
     assert main_export_layout(["--from", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
 

@@ -27,7 +27,7 @@ from orchestrator.errors import (
     PageError,
     PixelLimitExceeded,
 )
-from orchestrator.triton_repo import (
+from orchestrator.serving.triton_repo import (
     ENSEMBLE,
     STEPS,
     build_repository,
@@ -35,7 +35,7 @@ from orchestrator.triton_repo import (
     load_targets,
     validate_repository,
 )
-from orchestrator.triton_stages import (
+from orchestrator.serving.triton_stages import (
     LayoutStage,
     PostprocessStage,
     PreprocessStage,
@@ -136,7 +136,7 @@ def test_cpu_target_is_python_everywhere_with_its_artifact(repos: dict[str, Path
     # The python models are thin adapters over the package: no stage logic copied in.
     for step in STEPS:
         text = (root / step / "1" / "model.py").read_text()
-        assert "from orchestrator.triton_stages import" in text
+        assert "from orchestrator.serving.triton_stages import" in text
         assert len(text.splitlines()) < 70
 
 

@@ -27,8 +27,8 @@ from client.pages import page_requests
 from client.triton_layout import TritonLayoutBackend, TritonLayoutClient
 from orchestrator.config import FolioConfig, TritonConfig
 from orchestrator.errors import LayoutServerUnavailable, PageDecodeError, PixelLimitExceeded
-from orchestrator.serve import ServerPorts, TritonServerProcess, start_server
-from orchestrator.triton_repo import build_repository
+from orchestrator.serving.serve import ServerPorts, TritonServerProcess, start_server
+from orchestrator.serving.triton_repo import build_repository
 from orchestrator.types import Detections, EncodedPage, PageRef
 
 pytestmark = pytest.mark.triton
@@ -63,8 +63,8 @@ def pages(corpus_dir: Path) -> list[tuple[str, bytes]]:
 
 def inprocess(items: list[bytes], cfg: FolioConfig) -> list[Detections]:
     """The in-process path: the DALI decoder + LayoutModel + postprocess."""
-    from orchestrator.decode import Decoder
-    from orchestrator.layout import LayoutModel
+    from orchestrator.stages.decode import Decoder
+    from orchestrator.stages.layout import LayoutModel
 
     decoder = Decoder(cfg.decode, cfg.sources)
     model = LayoutModel(cfg.layout, device="cpu")
@@ -246,8 +246,8 @@ def test_pipeline_backend_matches_inprocess(
     server: TritonServerProcess, pages: list[tuple[str, bytes]], model_dir: Path
 ) -> None:
     """``folio run --layout triton``'s backend returns the in-process LayoutResult."""
-    from orchestrator.decode import Decoder
-    from orchestrator.pipeline import InProcessLayout
+    from orchestrator.engines.pipeline import InProcessLayout
+    from orchestrator.stages.decode import Decoder
 
     cfg = FolioConfig().override({"decode.device": "cpu", "layout.model_dir": str(model_dir),
                                   "layout.backend": "triton", "triton.url": server.grpc_url})

@@ -14,8 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from orchestrator import parquet_out, storage
 from orchestrator.config import FolioConfig
+from orchestrator.engines import parquet_out, storage
+from orchestrator.engines.units import Document, Unit, plan_units, read_unit, unit_name
 from orchestrator.errors import ConfigError, SinkError
 from orchestrator.types import (
     LineText,
@@ -27,7 +28,6 @@ from orchestrator.types import (
     Task,
     TextFormat,
 )
-from orchestrator.units import Document, Unit, plan_units, read_unit, unit_name
 
 SOURCES = FolioConfig().sources
 

@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 
 from orchestrator.config import VLLMConfig
-from orchestrator.profiles import GLM_OCR, QWEN2_VL_TINY, ModelProfile
-from orchestrator.recognize import Recognizer
-from orchestrator.recognize_vllm import (
+from orchestrator.stages.profiles import GLM_OCR, QWEN2_VL_TINY, ModelProfile
+from orchestrator.stages.recognize import Recognizer
+from orchestrator.stages.recognize_vllm import (
     UNREACHABLE_PREFIX,
     EncodedCrop,
     VLLMRecognizer,
@@ -227,7 +227,7 @@ def test_the_servers_context_window_caps_each_request(page: np.ndarray,
     """/v1/models reports max_model_len 700 under GLM-OCR's 4,096-token outputs and
     6,144-token images: crops are shrunk to fit, each max_tokens is what fits beside its
     own prompt, and the adjustment is logged once."""
-    from orchestrator.profiles import fit_context, text_tokens_bound
+    from orchestrator.stages.profiles import fit_context, text_tokens_bound
 
     sizes = [(40, 300), (300, 500), (1400, 1000)]  # small, medium, over the fitted budget
     tasks = [region_task(page, (0, 0, w, h), Task.TEXT, i) for i, (h, w) in enumerate(sizes)]

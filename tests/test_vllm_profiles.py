@@ -10,7 +10,7 @@ import pytest
 
 from orchestrator.config import VLLMConfig, load_config
 from orchestrator.errors import ConfigError
-from orchestrator.profiles import (
+from orchestrator.stages.profiles import (
     BUILTIN_PROFILES,
     GLM_OCR,
     QWEN2_VL_TINY,

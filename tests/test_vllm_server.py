@@ -31,8 +31,8 @@ import pytest
 from PIL import Image
 
 from orchestrator.config import VLLMConfig
-from orchestrator.profiles import GLM_OCR, QWEN2_VL_TINY
-from orchestrator.recognize_vllm import CHAT_PATH, EncodedCrop, VLLMRecognizer, encode_crop
+from orchestrator.stages.profiles import GLM_OCR, QWEN2_VL_TINY
+from orchestrator.stages.recognize_vllm import CHAT_PATH, EncodedCrop, VLLMRecognizer, encode_crop
 from orchestrator.types import PageRef, Region, RegionTask, Task
 
 REPO = Path(__file__).resolve().parents[1]
@@ -389,7 +389,7 @@ def test_a_context_too_small_for_any_request_is_refused_with_the_numbers(vllm_ur
     """A profile whose smallest request (the smallest image, the prompt, one token) does
     not fit the server's 1,024 tokens: a ConfigError at start naming the numbers."""
     from orchestrator.errors import ConfigError
-    from orchestrator.profiles import PixelBudget
+    from orchestrator.stages.profiles import PixelBudget
 
     huge = dataclasses.replace(PROFILE, name="huge-min",
                                budget=PixelBudget(min_pixels=2000 * 784, max_pixels=4000 * 784))

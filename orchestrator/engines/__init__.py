@@ -1,1 +1,2 @@
-"""Engines that run folio's stages somewhere other than this process's threads."""
+"""Engines that run folio's stages somewhere other than this process's threads.
+"""

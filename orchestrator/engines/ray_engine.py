@@ -11,7 +11,7 @@ Every stage calls the code the in-process pipeline runs (``Decoder.decode``,
 the plumbing between them is Ray's. Pages travel between stages as pickled stage values.
 
 Exactly once: a unit's file is written only with all of its pages, atomically, under a
-name fixed by its document and range (``orchestrator.parquet_out``). A re-run skips the
+name fixed by its document and range (``orchestrator.engines.parquet_out``). A re-run skips the
 units whose file exists and redoes the rest; the driver keeps each page once, so a task
 that Ray retries after an actor died (Ray Data restarts actors and retries their tasks)
 cannot write a page twice. A killed driver loses only the units it had not written.
@@ -34,10 +34,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator import errors, parquet_out, storage
+from orchestrator import errors
 from orchestrator.config import FolioConfig, SourceConfig
-from orchestrator.errors import ConfigError, EngineError, FolioError
-from orchestrator.pipeline import (
+from orchestrator.engines import parquet_out, storage
+from orchestrator.engines.pipeline import (
     RunSummary,
     StallWatchdog,
     cap_threads,
@@ -47,8 +47,9 @@ from orchestrator.pipeline import (
     make_layout_backend,
     start_recognition,
 )
+from orchestrator.engines.units import Document, Unit, list_documents, plan_units, read_unit
+from orchestrator.errors import ConfigError, EngineError, FolioError
 from orchestrator.types import DecodedPage, EncodedPage, PageOutcome
-from orchestrator.units import Document, Unit, list_documents, plan_units, read_unit
 
 log = logging.getLogger("folio.ray")
 
@@ -94,7 +95,7 @@ class LayoutStage:
     """An actor: decode (+ text lines, orientation) and layout of batches of pages."""
 
     def __init__(self, cfg: FolioConfig) -> None:
-        from orchestrator.decode import Decoder
+        from orchestrator.stages.decode import Decoder
 
         cap_threads(cfg)
         self._decoder = Decoder(cfg.decode, cfg.sources, cfg.lines)
@@ -141,7 +142,7 @@ class RecognizeStage:
     them in turn."""
 
     def __init__(self, cfg: FolioConfig) -> None:
-        from orchestrator.recognize import make_recognizer
+        from orchestrator.stages.recognize import make_recognizer
 
         cap_threads(cfg)
         self._cfg = cfg

@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo: orches
 from bench_layout_gpu import read_pages
 from corpus import CORPUS_PAGES
 
-from orchestrator import postprocess, postprocess_torch
 from orchestrator.config import FolioConfig
-from orchestrator.layout_gpu import GpuLayoutStage
+from orchestrator.stages import postprocess, postprocess_torch
+from orchestrator.stages.layout_gpu import GpuLayoutStage
 
 
 def compare(stage: GpuLayoutStage, pages: list[bytes], atol: float) -> list[dict[str, Any]]:

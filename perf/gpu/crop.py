@@ -1,5 +1,5 @@
 """Crop + encode of the recognised regions for the vLLM recogniser: on the device the page
-is on (``orchestrator.crop_gpu``) against the host path (``crop.region_tasks`` +
+is on (``orchestrator.stages.crop_gpu``) against the host path (``crop.region_tasks`` +
 ``recognize_vllm.encode_crop`` on the page in host memory), on the same pages and regions.
 
 The regions come from the GPU-resident layout stage, which keeps the decoded pages on the
@@ -29,10 +29,10 @@ from bench_layout_gpu import batches_of, read_pages
 from corpus import CORPUS_PAGES
 
 from orchestrator.config import FolioConfig
-from orchestrator.crop import region_tasks
-from orchestrator.crop_gpu import region_crops
-from orchestrator.layout_gpu import GpuLayoutStage
-from orchestrator.profiles import BUILTIN_PROFILES
+from orchestrator.stages.crop import region_tasks
+from orchestrator.stages.crop_gpu import region_crops
+from orchestrator.stages.layout_gpu import GpuLayoutStage
+from orchestrator.stages.profiles import BUILTIN_PROFILES
 from orchestrator.types import DecodedPage, LayoutResult, PageRef
 
 
@@ -71,7 +71,7 @@ def main() -> int:
         return count
 
     def on_host() -> int:
-        from orchestrator.recognize_vllm import encode_crop
+        from orchestrator.stages.recognize_vllm import encode_crop
 
         count = 0
         for bgr, (_, layout) in zip(host_pages, found, strict=True):

@@ -39,8 +39,8 @@ from bench_layout_gpu import batches_of, read_pages
 from corpus import CORPUS_PAGES
 
 from orchestrator.config import FolioConfig
-from orchestrator.layout import LayoutModel
-from orchestrator.layout_gpu import GpuLayoutStage
+from orchestrator.stages.layout import LayoutModel
+from orchestrator.stages.layout_gpu import GpuLayoutStage
 
 GIB = 1024**3
 DOCLAYOUT_SIZE = 800  # PP-DocLayoutV3's input side

@@ -25,7 +25,7 @@ from typing import Any
 BUILDER_VERSION = 1
 SEED = 1234
 
-# Pixel budget of the tiny model's image processor; orchestrator/profiles.py's
+# Pixel budget of the tiny model's image processor; orchestrator/stages/profiles.py's
 # "qwen2-vl-tiny" profile states the same numbers (the tests check they agree).
 PATCH_SIZE = 14
 MERGE_SIZE = 2

@@ -1,6 +1,6 @@
 """folio_layout step 2, cpu target: MODEL_INPUT__0 (B, 3, H, W) -> RAW__0 .. RAW__n.
 
-A thin adapter over ``orchestrator.triton_stages.LayoutStage`` (``LayoutModel``, the
+A thin adapter over ``orchestrator.serving.triton_stages.LayoutStage`` (``LayoutModel``, the
 TorchScript artifact copied into this version folder). The requests Triton batched run
 as one forward pass.
 """
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from orchestrator.triton_stages import LayoutStage, format_error, stage_config
+from orchestrator.serving.triton_stages import LayoutStage, format_error, stage_config
 
 
 class TritonPythonModel:

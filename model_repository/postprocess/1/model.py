@@ -1,6 +1,6 @@
 """folio_layout step 3, both targets: RAW__0 .. RAW__n + PAGE_SIZE -> BOXES, SCORES, CLASSES.
 
-A thin adapter over ``orchestrator.triton_stages.PostprocessStage``: the in-process path's
+A thin adapter over ``orchestrator.serving.triton_stages.PostprocessStage``: the in-process path's
 post-processing, imported from the installed package; numpy on the cpu target, torch on
 the GPU tensors Triton hands over (DLPack) on the gpu target. One page per request (its
 boxes are a ragged [N, 4] tensor).
@@ -11,7 +11,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from orchestrator.triton_stages import PostprocessStage, format_error, stage_config
+from orchestrator.serving.triton_stages import PostprocessStage, format_error, stage_config
 
 
 class TritonPythonModel:

@@ -1,6 +1,6 @@
 """folio_layout step 1, cpu target: encoded page bytes -> MODEL_INPUT, PAGE_SIZE.
 
-A thin adapter over ``orchestrator.triton_stages.PreprocessStage`` (the DALI pipeline of
+A thin adapter over ``orchestrator.serving.triton_stages.PreprocessStage`` (the DALI pipeline of
 ``dali_pipelines.layout_preprocess`` on the CPU). A page that is not an image, is empty or
 is over ``sources.max_pixels`` fails its own request only, with INVALID_ARG (the request's
 fault, not the server's).
@@ -11,7 +11,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from orchestrator.triton_stages import PreprocessStage, format_error, is_client_error, stage_config
+from orchestrator.serving.triton_stages import PreprocessStage, format_error, is_client_error, stage_config
 
 
 class TritonPythonModel:

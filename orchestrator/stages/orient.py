@@ -2,7 +2,7 @@
 
 Scans come sideways or upside down (a /Rotate-less PDF of a rotated scan); the layout
 and recognition models only read upright text. Two cheap signals decide:
-- sideways or not: the page's text-line boxes (``orchestrator.textlines``, detected once
+- sideways or not: the page's text-line boxes (``orchestrator.stages.textlines``, detected once
   per page) are mostly taller than wide when the page lies on its side;
 - upright or upside down: the recogniser is confident on upright lines and not on
   turned ones, so a few lines are read as they stand and, unless they read confidently,
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from orchestrator.config import BF16_WIDTH_BUCKET_PX, DecodeConfig
-from orchestrator.textlines import rotate_lines
+from orchestrator.stages.textlines import rotate_lines
 from orchestrator.types import PageLines, UInt8Array
 
 
@@ -34,7 +34,7 @@ class OrientationDetector:
     text lines detected on the page as it stands."""
 
     def __init__(self, cfg: DecodeConfig) -> None:
-        from orchestrator.recognize import resolve_rec_precision
+        from orchestrator.stages.recognize import resolve_rec_precision
 
         self._cfg = cfg
         self._precision = resolve_rec_precision(cfg.orient_precision,
@@ -44,7 +44,7 @@ class OrientationDetector:
     def _recogniser(self) -> Any:
         rec = getattr(self._local, "rec", None)
         if rec is None:
-            from orchestrator.recognize import rapidocr_rec_engine
+            from orchestrator.stages.recognize import rapidocr_rec_engine
 
             rec = rapidocr_rec_engine(self._cfg.threads, self._precision, BF16_WIDTH_BUCKET_PX,
                                       {"Global.use_det": False})

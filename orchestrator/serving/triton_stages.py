@@ -3,8 +3,8 @@
 The python models in ``model_repository/*/1/model.py`` are thin adapters: they move
 tensors between Triton requests and these classes. The work itself is the package's own
 code -- ``dali_pipelines.layout_preprocess`` (decode + resize + normalise),
-``orchestrator.layout.LayoutModel`` (the TorchScript model) and
-``orchestrator.postprocess.postprocess`` -- exactly what the in-process path runs, so the
+``orchestrator.stages.layout.LayoutModel`` (the TorchScript model) and
+``orchestrator.stages.postprocess.postprocess`` -- exactly what the in-process path runs, so the
 two paths agree by construction and these classes are tested without a server.
 
 Per-page failures travel as ``PageError`` objects; ``format_error`` turns one into the
@@ -33,7 +33,7 @@ from orchestrator.errors import (
     PageError,
     PixelLimitExceeded,
 )
-from orchestrator.layout import DEFAULT_HEAD
+from orchestrator.stages.layout import DEFAULT_HEAD
 from orchestrator.types import Detections
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ class PreprocessStage:
     def __call__(
         self, items: Sequence[npt.NDArray[np.uint8]]
     ) -> list[tuple[npt.NDArray[np.float32], npt.NDArray[np.int32]] | PageError]:
-        from orchestrator.decode import check_encoded, decode_failure
+        from orchestrator.stages.decode import check_encoded, decode_failure
 
         results: list[tuple[npt.NDArray[np.float32], npt.NDArray[np.int32]] | PageError | None]
         results = [None] * len(items)
@@ -162,7 +162,7 @@ class LayoutStage:
     def __init__(self, cfg: FolioConfig, model_dir: Path) -> None:
         import torch
 
-        from orchestrator.layout import LayoutModel
+        from orchestrator.stages.layout import LayoutModel
 
         # One stub process per step: its torch pool is layout.threads wide, as in-process.
         torch.set_num_threads(max(1, cfg.layout.threads))
@@ -178,11 +178,11 @@ class PostprocessStage:
     """Raw outputs (each (B, ...)) + page sizes (B, 2) [h, w] -> one ``Detections`` per page.
 
     ``kind`` is the manifest's ``head.postprocess``: the default (CDLA PP-PicoDet) runs
-    ``orchestrator.postprocess.postprocess``; ``"doclayout"`` (an exported PP-DocLayoutV3)
-    runs ``orchestrator.export_doclayout.postprocess_doclayout``. ``device`` is where the
+    ``orchestrator.stages.postprocess.postprocess``; ``"doclayout"`` (an exported PP-DocLayoutV3)
+    runs ``orchestrator.models.export_doclayout.postprocess_doclayout``. ``device`` is where the
     raw outputs are worked on: ``"cpu"`` (numpy arrays, no torch needed), or ``"gpu"``
     (torch tensors wherever Triton put them, taken through DLPack without a copy, and
-    ``orchestrator.postprocess_torch``: only the final boxes reach the host).
+    ``orchestrator.stages.postprocess_torch``: only the final boxes reach the host).
     """
 
     def __init__(
@@ -216,13 +216,13 @@ class PostprocessStage:
         return torch.cat(list(arrays))
 
     def __call__(self, raw: Sequence[Any], page_sizes: npt.NDArray[np.int32]) -> list[Detections]:
-        from orchestrator.layout import postprocess_head
+        from orchestrator.stages.layout import postprocess_head
 
         sizes = [(int(h), int(w)) for h, w in np.asarray(page_sizes).reshape(-1, 2)]
         if self.device == "gpu" and self.kind == DEFAULT_HEAD:
             import torch
 
-            from orchestrator import postprocess_torch
+            from orchestrator.stages import postprocess_torch
 
             tensors = [torch.as_tensor(r) for r in raw]
             return postprocess_torch.postprocess(tensors, sizes, self._cfg, self.labels)
@@ -232,6 +232,6 @@ class PostprocessStage:
 
 def read_labels(model_dir: Path) -> list[str]:
     """The class names from a layout model folder's manifest."""
-    from orchestrator.models import load_manifest
+    from orchestrator.models.artifacts import load_manifest
 
     return [str(label) for label in load_manifest(model_dir)["labels"]]

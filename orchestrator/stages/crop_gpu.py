@@ -32,12 +32,12 @@ import torch
 import torch.nn.functional as F
 
 from orchestrator.config import CropConfig
-from orchestrator.crop import crop_bounds, crop_region
-from orchestrator.profiles import ModelProfile
+from orchestrator.stages.crop import crop_bounds, crop_region
+from orchestrator.stages.profiles import ModelProfile
 from orchestrator.types import LayoutResult, Region
 
 if TYPE_CHECKING:
-    from orchestrator.recognize_vllm import EncodedCrop
+    from orchestrator.stages.recognize_vllm import EncodedCrop
 
 __all__ = ["CropImage", "fit_crop", "region_crops", "to_encoded_crop"]
 
@@ -191,7 +191,7 @@ def region_crops(
 
 def to_encoded_crop(crop: CropImage) -> EncodedCrop:
     """The ``recognize_vllm.EncodedCrop`` the vLLM client sends for this crop."""
-    from orchestrator.recognize_vllm import EncodedCrop
+    from orchestrator.stages.recognize_vllm import EncodedCrop
 
     return EncodedCrop(
         data_url=f"data:{crop.mime};base64," + base64.b64encode(crop.data).decode("ascii"),

@@ -155,7 +155,7 @@ def server_environment(home: Path) -> dict[str, str]:
     env["PATH"] = os.pathsep.join([venv_bin, env.get("PATH", "")])
     # The python models import the orchestrator package this process runs (the installed
     # wheel, or a checkout), whichever folder the server starts in.
-    package_root = str(Path(__file__).resolve().parent.parent)
+    package_root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     # One OpenMP/MKL pool per stub unless the caller says otherwise.
     env.setdefault("OMP_NUM_THREADS", "1")
@@ -468,7 +468,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
 
 def run_serve(args: argparse.Namespace) -> int:
     from orchestrator.config import load_config
-    from orchestrator.triton_repo import build_repository, default_out
+    from orchestrator.serving.triton_repo import build_repository, default_out
 
     repo = args.model_repository
     if repo is None:
@@ -481,7 +481,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def main_serve(argv: Sequence[str] | None = None) -> int:
-    """``python -m orchestrator.serve``: the serve command on its own."""
+    """``python -m orchestrator.serving.serve``: the serve command on its own."""
     parser = argparse.ArgumentParser(prog="folio")
     sub = parser.add_subparsers(dest="command", required=True)
     add_serve_parser(sub)

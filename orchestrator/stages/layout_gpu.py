@@ -2,7 +2,7 @@
 
 Per batch of pages:
 
-1. header checks (``orchestrator.page_header``: size against ``sources.max_pixels``,
+1. header checks (``orchestrator.stages.page_header``: size against ``sources.max_pixels``,
    format, EXIF orientation) before any pixel is decoded;
 2. decoding on the device (``decode.gpu_decoder``): DALI's "mixed" nvJPEG decoder and its
    resize/normalise graph (``dali_pipelines.layout_preprocess``) where DALI is installed,
@@ -14,7 +14,7 @@ Per batch of pages:
    ``decode.mean``/``decode.std``;
 4. the TorchScript model (``layout.cuda_graph``: replayed as a CUDA graph captured at
    ``layout.batch_size``), outputs left on the device;
-5. post-processing in torch on the device (``orchestrator.postprocess_torch``); only the
+5. post-processing in torch on the device (``orchestrator.stages.postprocess_torch``); only the
    final boxes cross to the host (an exported PP-DocLayoutV3 head goes to numpy: its
    outputs are a few hundred queries).
 
@@ -25,7 +25,7 @@ the same code runs on CPU tensors (OpenCV decode, torch resize, the FP32 model),
 how it is tested; ``detect`` is the same work for one batch, without threads.
 
 Decoded pages can be kept on the device (``keep_pages=True``) as (3, H, W) uint8 RGB
-tensors, for cropping there (``orchestrator.crop_gpu``).
+tensors, for cropping there (``orchestrator.stages.crop_gpu``).
 
 Usage::
 
@@ -52,10 +52,10 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
-from orchestrator import postprocess_torch
 from orchestrator.config import DecodeConfig, FolioConfig
 from orchestrator.errors import ConfigError, LayoutError, PageDecodeError, PageError
-from orchestrator.layout import (
+from orchestrator.stages import postprocess_torch
+from orchestrator.stages.layout import (
     DEFAULT_HEAD,
     LayoutModel,
     head_kind,
@@ -63,7 +63,7 @@ from orchestrator.layout import (
     postprocess_head,
     resolve_device,
 )
-from orchestrator.page_header import read_header
+from orchestrator.stages.page_header import read_header
 from orchestrator.types import Detections, LayoutResult
 
 __all__ = [

@@ -21,9 +21,9 @@ from typing import Any
 
 from orchestrator.config import SourceConfig
 from orchestrator.errors import SourceError
-from orchestrator.orient import rotate_clockwise
-from orchestrator.sink import open_existing
-from orchestrator.sources import decode_for_display, identity, load_page
+from orchestrator.stages.orient import rotate_clockwise
+from orchestrator.stages.sink import open_existing
+from orchestrator.stages.sources import decode_for_display, identity, load_page
 from orchestrator.types import PageRef
 
 # label -> RGB; unknown labels get a colour from PALETTE by hash.

@@ -1,6 +1,6 @@
 """The layout stage: TorchScript inference on a batch of pages, then post-processing.
 
-``LayoutModel`` loads the artifact that ``orchestrator.models`` built (checked against its
+``LayoutModel`` loads the artifact that ``orchestrator.models.artifacts`` built (checked against its
 manifest) for the configured precision and runs batches of model inputs through it;
 ``layout_result`` turns one page's ``Detections`` into the ``LayoutResult`` the later
 stages consume. Importing this module does not import torch or load anything: the Triton
@@ -25,8 +25,8 @@ import numpy.typing as npt
 
 from orchestrator.config import LayoutConfig
 from orchestrator.errors import ConfigError, LayoutError
-from orchestrator.models import artifact_path, load_manifest
-from orchestrator.postprocess import label_task, postprocess
+from orchestrator.models.artifacts import artifact_path, load_manifest
+from orchestrator.stages.postprocess import label_task, postprocess
 from orchestrator.types import Detections, LayoutResult, Region, Task
 
 __all__ = ["LayoutModel", "layout_result", "resolve_device", "resolve_precision"]
@@ -52,8 +52,8 @@ def resolve_precision(precision: str, device: str) -> str:
 
 
 # manifest["head"]["postprocess"]: how a model's raw outputs become detections.
-DEFAULT_HEAD = "picodet"  # the CDLA PP-PicoDet: orchestrator.postprocess
-DOCLAYOUT_HEAD = "doclayout"  # an exported PP-DocLayoutV3: orchestrator.export_doclayout
+DEFAULT_HEAD = "picodet"  # the CDLA PP-PicoDet: orchestrator.stages.postprocess
+DOCLAYOUT_HEAD = "doclayout"  # an exported PP-DocLayoutV3: orchestrator.models.export_doclayout
 
 
 def head_kind(manifest: dict[str, Any]) -> str:
@@ -69,7 +69,7 @@ def postprocess_head(
 ) -> list[Detections]:
     """Raw outputs -> ``Detections`` per page for the model head ``kind``."""
     if kind == DOCLAYOUT_HEAD:
-        from orchestrator.export_doclayout import postprocess_doclayout
+        from orchestrator.models.export_doclayout import postprocess_doclayout
 
         return postprocess_doclayout(raw, page_sizes, cfg, labels)
     if kind != DEFAULT_HEAD:
@@ -197,7 +197,7 @@ def layout_result(
     """Regions of one page in the detections' (reading) order, every label included.
 
     Each label's task comes from ``cfg.label_tasks`` (labels it does not name are text);
-    ``Region.index`` is the position among them. ``orchestrator.coverage.cover_page`` then
+    ``Region.index`` is the position among them. ``orchestrator.stages.coverage.cover_page`` then
     gives the page's text lines to them and drops ``abandon`` ones.
     """
     tasks = [Task(label_task(label, cfg)) for label in labels]

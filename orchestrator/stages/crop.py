@@ -9,8 +9,8 @@ import cv2
 import numpy as np
 
 from orchestrator.config import CropConfig
-from orchestrator.coverage import line_rows
-from orchestrator.textlines import line_image
+from orchestrator.stages.coverage import line_rows
+from orchestrator.stages.textlines import line_image
 from orchestrator.types import DecodedPage, LayoutResult, LineCrop, Region, RegionTask, UInt8Array
 
 # White: what a page background is, so masked-out polygon corners read as paper.

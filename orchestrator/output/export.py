@@ -41,8 +41,14 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import SinkError
-from orchestrator.markdown import page_markdown
-from orchestrator.sink import REGION_STATS, STAGE_TIMINGS, connect, ensure_schema, open_existing
+from orchestrator.output.markdown import page_markdown
+from orchestrator.stages.sink import (
+    REGION_STATS,
+    STAGE_TIMINGS,
+    connect,
+    ensure_schema,
+    open_existing,
+)
 from orchestrator.types import LineText, Origin, RecognitionResult, Region, Task, TextFormat
 
 JSONL_SCHEMA_VERSION = 2
@@ -255,7 +261,7 @@ class _FigureWriter:
     def links(self, page: dict[str, Any], stem: str) -> dict[int, str]:
         from orchestrator.config import SourceConfig
         from orchestrator.errors import FolioError
-        from orchestrator.show import stored_page_pixels
+        from orchestrator.output.show import stored_page_pixels
 
         figures = [r for r, _ in page["_regions"] if r.label == "figure" or r.task is Task.SKIP]
         if not figures or page["status"] != "ok":

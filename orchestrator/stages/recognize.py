@@ -1,7 +1,7 @@
 """Recognize: region crops in, text out.
 
 One ``Recognizer`` interface; the embedded default runs rapidocr's PP-OCR ONNX models
-in-process, ``orchestrator.recognize_vllm.VLLMRecognizer`` sends crops to a vLLM server.
+in-process, ``orchestrator.stages.recognize_vllm.VLLMRecognizer`` sends crops to a vLLM server.
 """
 
 from __future__ import annotations
@@ -451,7 +451,7 @@ def _rapidocr_version() -> str:
 def make_recognizer(cfg: FolioConfig) -> Recognizer:
     """The recogniser the config names."""
     if cfg.recognize.engine == "vllm":
-        from orchestrator.recognize_vllm import VLLMRecognizer
+        from orchestrator.stages.recognize_vllm import VLLMRecognizer
 
         return VLLMRecognizer(cfg.vllm)
     return RapidOCRRecognizer(cfg.recognize)

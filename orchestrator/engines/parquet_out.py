@@ -3,7 +3,7 @@
 An output folder (local or ``s3://``/``gs://``... prefix) holds:
 
 - ``<stem>-<digest>.p<first>-<last>.parquet``: the pages ``first..last`` of one document
-  (``orchestrator.units``), written whole and atomically: the name exists only with every
+  (``orchestrator.engines.units``), written whole and atomically: the name exists only with every
   page of the unit in it, so a re-run skips exactly the units already there;
 - ``_folio.json``: the output's format version, unit size, and the configuration and
   models of the run that started it;
@@ -50,10 +50,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from orchestrator import storage
 from orchestrator.config import SinkConfig
+from orchestrator.engines import storage
+from orchestrator.engines.units import Unit
 from orchestrator.errors import ConfigError, SinkError
-from orchestrator.sink import REGION_STATS, STAGE_TIMINGS, SQLiteSink
+from orchestrator.stages.sink import REGION_STATS, STAGE_TIMINGS, SQLiteSink
 from orchestrator.types import (
     LineText,
     Origin,
@@ -64,7 +65,6 @@ from orchestrator.types import (
     Task,
     TextFormat,
 )
-from orchestrator.units import Unit
 
 PARQUET_SCHEMA_VERSION = 1
 MANIFEST = "_folio.json"

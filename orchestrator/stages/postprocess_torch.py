@@ -1,6 +1,6 @@
 """Layout post-processing in torch, on whatever device the model's outputs are on.
 
-The algorithm of ``orchestrator.postprocess`` (its docstring has the steps), computed
+The algorithm of ``orchestrator.stages.postprocess`` (its docstring has the steps), computed
 batch-wide with tensors so that on a GPU the raw outputs never leave the device: only the
 final boxes of each page cross to the host, where the reading order (a sort of a few
 dozen boxes) runs in numpy. Both implementations share ``plan_outputs`` (config checks,
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from orchestrator.config import LayoutConfig
-from orchestrator.postprocess import (
+from orchestrator.stages.postprocess import (
     OutputPlan,
     anchor_centers,
     empty_detections,
@@ -92,7 +92,7 @@ def _upper(n: int, device: torch.device) -> torch.Tensor:
 def greedy_fixpoint(suppresses: torch.Tensor, alive: torch.Tensor | None = None) -> torch.Tensor:
     """Kept mask of greedy suppression for (..., n, n) ``suppresses[i, j]``, i ranked above j.
 
-    The same fixpoint as ``orchestrator.postprocess._greedy_fixpoint`` (Cluster-NMS),
+    The same fixpoint as ``orchestrator.stages.postprocess._greedy_fixpoint`` (Cluster-NMS),
     for a batch of independent sets at once; ``alive`` (..., n) marks real entries (padding
     neither suppresses nor is kept). One host synchronisation per round.
     """
@@ -117,7 +117,7 @@ def nms(
 ) -> torch.Tensor:
     """Greedy NMS via an IoU matrix; indices of the kept boxes, highest score first.
 
-    As ``orchestrator.postprocess.nms``: equal scores rank by index; with ``classes`` only
+    As ``orchestrator.stages.postprocess.nms``: equal scores rank by index; with ``classes`` only
     boxes of the same class suppress each other.
     """
     order = torch.argsort(-scores, stable=True)
@@ -248,7 +248,7 @@ def postprocess(
 ) -> list[Detections]:
     """Raw model outputs (tensors, any device) for a batch -> one ``Detections`` per page.
 
-    The same contract as ``orchestrator.postprocess.postprocess``: ``raw`` in manifest
+    The same contract as ``orchestrator.stages.postprocess.postprocess``: ``raw`` in manifest
     order (per-level class scores (B, N, C), then box distributions (B, N, 4 * bins)),
     ``page_sizes`` (height, width) per page; boxes come back in page pixels, in reading
     order, as numpy arrays.

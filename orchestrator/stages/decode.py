@@ -20,9 +20,9 @@ from PIL import Image
 from dali_pipelines.layout_preprocess import LayoutPreprocessor, PreprocessedPage
 from orchestrator.config import DecodeConfig, LinesConfig, SourceConfig
 from orchestrator.errors import PageDecodeError, PageError
-from orchestrator.orient import OrientationDetector, rotate_clockwise
-from orchestrator.page_header import check_encoded
-from orchestrator.textlines import LineDetector
+from orchestrator.stages.orient import OrientationDetector, rotate_clockwise
+from orchestrator.stages.page_header import check_encoded
+from orchestrator.stages.textlines import LineDetector
 from orchestrator.types import DecodedPage, EncodedPage
 
 __all__ = ["Decoder", "check_encoded", "resolve_device"]
@@ -86,8 +86,8 @@ def decode_failure(data: bytes | None, exc: Exception) -> str:
 class Decoder:
     """Decodes batches of pages; each page comes back decoded or as its PageError.
 
-    After decoding, the page's text lines are detected (``orchestrator.textlines``); they
-    tell whether the page is turned (``orchestrator.orient``). A turned page is turned
+    After decoding, the page's text lines are detected (``orchestrator.stages.textlines``); they
+    tell whether the page is turned (``orchestrator.stages.orient``). A turned page is turned
     upright and its lines detected again there, so every page's lines come from one
     detection on the upright page. Line detection runs when ``lines`` is given or
     orientation is on (``decode.orient``), with ``LinesConfig()`` defaults in the latter case.

@@ -31,7 +31,7 @@ import numpy as np
 import numpy.typing as npt
 
 from orchestrator.config import LayoutConfig, LinesConfig
-from orchestrator.postprocess import containment_matrix, reading_order
+from orchestrator.stages.postprocess import containment_matrix, reading_order
 from orchestrator.types import LayoutResult, Origin, PageLines, Region, Task
 
 COVERAGE_LABEL = "text"  # the label of a block made of lines no layout box holds

@@ -39,7 +39,7 @@ from typing import Any
 from orchestrator.config import FolioConfig, load_config
 from orchestrator.errors import ConfigError, ModelArtifactError
 from orchestrator.paths import cache_dir, template_root
-from orchestrator.triton_stages import (
+from orchestrator.serving.triton_stages import (
     CONFIG_PARAMETER,
     DEFAULT_HEAD,
     POSTPROCESS_DEVICES,
@@ -125,7 +125,7 @@ def load_targets(path: Path = TEMPLATE_ROOT / "targets.toml") -> dict[str, Targe
 
 @dataclass(frozen=True, slots=True)
 class LayoutArtifacts:
-    """What the repository needs from a layout model folder (``orchestrator.models``)."""
+    """What the repository needs from a layout model folder (``orchestrator.models.artifacts``)."""
 
     model_dir: Path
     manifest: dict[str, Any]
@@ -141,8 +141,9 @@ class LayoutArtifacts:
 
 
 def layout_artifacts(model_dir: Path) -> LayoutArtifacts:
-    """Read (and sha256-verify) a layout model folder's manifest (``orchestrator.models``)."""
-    from orchestrator.models import artifact_path, load_manifest
+    """Read (and sha256-verify) a layout model folder's manifest
+    (``orchestrator.models.artifacts``)."""
+    from orchestrator.models.artifacts import artifact_path, load_manifest
 
     manifest = dict(load_manifest(model_dir))
     try:
@@ -322,7 +323,7 @@ def _populate_steps(
     layout_dir = root / "layout" / "1"
     if settings.layout_backend == "python":
         shutil.copy2(templates / "layout" / "1" / "model.py", layout_dir)
-        # The model folder as orchestrator.layout.LayoutModel expects it, with the one
+        # The model folder as orchestrator.stages.layout.LayoutModel expects it, with the one
         # artifact this target runs (the manifest trimmed to it).
         shutil.copy2(artifacts.files[precision], layout_dir / artifacts.files[precision].name)
         _write_manifest(artifacts, layout_dir, precision)

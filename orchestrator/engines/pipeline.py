@@ -34,11 +34,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from orchestrator.config import FolioConfig
-from orchestrator.coverage import cover_page
-from orchestrator.crop import region_tasks
-from orchestrator.decode import Decoder
 from orchestrator.errors import FolioError, PageError
-from orchestrator.recognize import Recognizer, make_recognizer
+from orchestrator.stages.coverage import cover_page
+from orchestrator.stages.crop import region_tasks
+from orchestrator.stages.decode import Decoder
+from orchestrator.stages.recognize import Recognizer, make_recognizer
 from orchestrator.types import (
     DecodedPage,
     EncodedPage,
@@ -52,7 +52,7 @@ from orchestrator.types import (
 )
 
 if TYPE_CHECKING:
-    from orchestrator.sources import SourceSet
+    from orchestrator.stages.sources import SourceSet
 
 log = logging.getLogger("folio.pipeline")
 
@@ -81,7 +81,7 @@ class InProcessLayout:
     name = "inprocess"
 
     def __init__(self, cfg: FolioConfig, device: str) -> None:
-        from orchestrator.layout import LayoutModel
+        from orchestrator.stages.layout import LayoutModel
 
         self._cfg = cfg.layout
         self._model = LayoutModel(cfg.layout, device="cuda" if device == "gpu" else "cpu")
@@ -90,7 +90,7 @@ class InProcessLayout:
     def detect(
         self, pages: Sequence[DecodedPage], encoded: Sequence[EncodedPage]
     ) -> list[LayoutResult | PageError]:
-        from orchestrator.layout import layout_result
+        from orchestrator.stages.layout import layout_result
 
         start = time.perf_counter()
         batch = np.stack([p.model_input for p in pages])
@@ -281,8 +281,8 @@ class Pipeline:
         unwritten (a re-run does them), everything written is flushed, and the summary says
         ``interrupted`` (set it to the signal's name before setting the event).
         """
-        from orchestrator.sink import SQLiteSink
-        from orchestrator.sources import open_sources
+        from orchestrator.stages.sink import SQLiteSink
+        from orchestrator.stages.sources import open_sources
 
         source_set = open_sources(list(sources), self.cfg.sources)
         if on_sources is not None:

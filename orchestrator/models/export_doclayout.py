@@ -45,7 +45,7 @@ import numpy.typing as npt
 
 from orchestrator.config import IMAGENET_MEAN, IMAGENET_STD, LayoutConfig
 from orchestrator.errors import ConfigError, ModelArtifactError
-from orchestrator.layout import DOCLAYOUT_HEAD
+from orchestrator.stages.layout import DOCLAYOUT_HEAD
 from orchestrator.types import Detections
 
 log = logging.getLogger(__name__)
@@ -158,13 +158,13 @@ def export_doclayout(
     """Trace the checkpoint in ``src`` (or an already built ``model``) into ``out``.
 
     Writes ``layout_ppdoclayoutv3_<precision>.pt`` and a ``manifest.json`` in the format
-    of ``orchestrator.models`` (labels, input, outputs, per-file sha256); returns the
+    of ``orchestrator.models.artifacts`` (labels, input, outputs, per-file sha256); returns the
     manifest path. The FP32 trace is checked against eager transformers at batch 1 and 2.
     """
     import torch
 
-    from orchestrator.models import MANIFEST_NAME, MANIFEST_VERSION, sha256_file
-    from orchestrator.onnx_to_torch import CastIO, trace_module
+    from orchestrator.models.artifacts import MANIFEST_NAME, MANIFEST_VERSION, sha256_file
+    from orchestrator.models.onnx_to_torch import CastIO, trace_module
 
     transformers = _require_transformers()
     start = time.perf_counter()

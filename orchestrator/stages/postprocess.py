@@ -18,7 +18,7 @@ or more inside a higher-scoring box of the same task is dropped); the survivors 
 rescaled from the model's input size to the page, clipped to the page, stripped of empty
 boxes and sorted into reading order (``reading_order``).
 
-``orchestrator.postprocess_torch`` is the same algorithm on tensors (any device, the whole
+``orchestrator.stages.postprocess_torch`` is the same algorithm on tensors (any device, the whole
 batch at once); both share ``plan_outputs`` and ``reading_order`` and one test suite.
 
 Usage::

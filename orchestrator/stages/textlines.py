@@ -31,7 +31,7 @@ class LineDetector:
     """Detects the text lines of whole pages. Thread-safe: one engine per calling thread."""
 
     def __init__(self, cfg: LinesConfig) -> None:
-        from orchestrator.recognize import resolve_rec_precision
+        from orchestrator.stages.recognize import resolve_rec_precision
 
         self._cfg = cfg
         self.precision = resolve_rec_precision(cfg.precision, key="lines.precision")
@@ -40,7 +40,11 @@ class LineDetector:
     def _detector(self) -> Any:
         det = getattr(self._local, "det", None)
         if det is None:
-            from orchestrator.recognize import OpenVINOSession, _rapidocr_models, rapidocr_engine
+            from orchestrator.stages.recognize import (
+                OpenVINOSession,
+                _rapidocr_models,
+                rapidocr_engine,
+            )
 
             cfg = self._cfg
             path = _rapidocr_models() / DET_MODEL

@@ -14,8 +14,8 @@ A unit's output is one Parquet file named after the document and the range
 unit yields exactly its pages, in order, each once: a page the source fails to produce
 becomes an error page, never a gap, so every unit ends complete.
 
-Documents are local paths (the same ``orchestrator.sources`` classes as the in-process
-pipeline read them) or objects in a store (``orchestrator.storage``): PDFs and shards are
+Documents are local paths (the same ``orchestrator.stages.sources`` classes as the in-process
+pipeline read them) or objects in a store (``orchestrator.engines.storage``): PDFs and shards are
 read in place with ranged reads, image files are fetched whole.
 
 Usage::
@@ -36,11 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from orchestrator import storage
 from orchestrator.config import SourceConfig
+from orchestrator.engines import storage
 from orchestrator.errors import SourceError
-from orchestrator.export import safe_stem
-from orchestrator.sources import (
+from orchestrator.output.export import safe_stem
+from orchestrator.stages.sources import (
     TIFF_EXTENSIONS,
     ArrowShardSource,
     ErrorSource,
@@ -247,7 +247,7 @@ def read_unit(unit: Unit, cfg: SourceConfig) -> Iterator[EncodedPage]:
 @contextlib.contextmanager
 def open_document(doc: Document, cfg: SourceConfig) -> Iterator[PageSource]:
     """The page source of a document: the in-process pipeline's classes, reading stored
-    objects through ``orchestrator.storage``."""
+    objects through ``orchestrator.engines.storage``."""
     if doc.kind == "error":
         yield ErrorSource(doc.source, doc.error or "no page")
         return

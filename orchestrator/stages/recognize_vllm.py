@@ -57,7 +57,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, sto
 
 from orchestrator.config import VLLMConfig
 from orchestrator.errors import ConfigError, RecognitionError, RecognizerUnavailable
-from orchestrator.profiles import ContextFit, ModelProfile, fit_context, resolve_profile
+from orchestrator.stages.profiles import ContextFit, ModelProfile, fit_context, resolve_profile
 from orchestrator.types import RecognitionResult, RegionTask, Task, UInt8Array
 
 log = logging.getLogger("folio.vllm")

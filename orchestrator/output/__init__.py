@@ -1,0 +1,2 @@
+"""Reading results back: JSONL and Markdown export, and ``folio show``.
+"""
