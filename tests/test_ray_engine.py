@@ -93,18 +93,35 @@ def parquet_pages(out: Path) -> Counter[tuple[str, int]]:
 
 @pytest.fixture(scope="module")
 def ray_address() -> Iterator[str]:
-    """A Ray on this machine with its 2 CPUs, every server bound to 127.0.0.1."""
-    # Must be set before ray is imported: Ray then takes 127.0.0.1 as the node address
-    # and binds its servers there (see orchestrator.engines.ray_engine).
+    """A Ray on this machine with its 2 CPUs, every server bound to 127.0.0.1.
+
+    Started by ``ray start`` in a process of its own: forking Ray's servers from this
+    long-lived test process, whose earlier tests leave native thread pools behind, can
+    hang the child between fork and exec."""
+    # Ray then takes 127.0.0.1 as the node address and binds its servers there (see
+    # orchestrator.engines.ray_engine); set before ray is imported here too.
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False,
-             logging_level=logging.WARNING)
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    port = _free_port()
+    subprocess.run([ray_cli, "start", "--head", f"--port={port}", "--num-cpus=2",
+                    "--node-ip-address=127.0.0.1", "--include-dashboard=false",
+                    "--disable-usage-stats"], check=True, capture_output=True, timeout=180,
+                   env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    address = f"127.0.0.1:{port}"
     try:
-        yield str(ray.get_runtime_context().gcs_address)
+        ray.init(address=address, logging_level=logging.WARNING)
+        yield address
     finally:
         ray.shutdown()
+        subprocess.run([ray_cli, "stop", "--force"], capture_output=True, timeout=120)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -402,9 +419,25 @@ def _descendants(root: int) -> dict[int, str]:
     return {pid: names[pid] for pid in tree if pid in names}
 
 
+def _ray_processes() -> dict[int, str]:
+    """The test Ray's processes: those ``ray start`` left (they name the cluster's session
+    folder on their command line, or are its GCS and raylet) and everything they started."""
+    roots = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+                if b"/ray/session_" in cmdline or b"gcs_server" in cmdline:
+                    roots.add(int(entry.name))
+    processes: dict[int, str] = {}
+    for root in roots:
+        processes.update(_descendants(root))
+    return processes
+
+
 def test_the_test_ray_listens_on_127_0_0_1_only(ray_address: str) -> None:
     assert ray_address.startswith("127.0.0.1:")
-    processes = _descendants(os.getpid())
+    processes = _ray_processes()
     assert {"gcs_server", "raylet"} <= set(processes.values()), processes
     addresses = _listening(set(processes))
     assert len(addresses) >= 3, addresses  # GCS, raylet, object manager at least
