@@ -250,3 +250,43 @@ def test_preprocess_stage_isolates_bad_pages(corpus_dir: Path) -> None:
     out = stage([good, truncated])
     assert not isinstance(out[0], PageError)
     assert isinstance(out[1], PageDecodeError)
+
+
+_ORPHAN = """
+import sys
+from pathlib import Path
+from orchestrator.serving.serve import _spawn
+proc = _spawn(["sleep", "120"], {"PATH": "/usr/bin:/bin"}, Path(sys.argv[1]))
+print(proc.pid, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_spawned_server_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
+    """A killed test run or CLI leaves no server behind holding its ports: what ``_spawn``
+    starts gets SIGTERM when its parent dies (without Python code between fork and exec)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    parent = subprocess.Popen([sys.executable, "-c", _ORPHAN, str(tmp_path / "log")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    os.kill(child, 0)  # running
+    parent.send_signal(signal.SIGKILL)
+    parent.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        status = Path(f"/proc/{child}/stat").read_text().split()[2] if Path(
+            f"/proc/{child}/stat").exists() else "X"
+        if status == "Z":
+            break  # dead, waiting to be reaped by init
+        assert time.monotonic() < deadline, "the spawned process outlived its parent"
+        time.sleep(0.1)

@@ -331,32 +331,28 @@ def _shm_prefix_of(command: Sequence[str]) -> str | None:
     return next((arg[len(flag):] for arg in command if arg.startswith(flag)), None)
 
 
-def _die_with_parent() -> None:
-    """In the child: SIGTERM when the process that started it dies (Linux prctl), so a
-    killed test run or CLI never leaves a server behind holding its ports."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):  # pragma: no cover - not Linux
-        pass
-
-
-_PR_SET_PDEATHSIG = 1
+def _with_parent_death_signal(command: list[str]) -> list[str]:
+    """``command`` run so that it gets SIGTERM when the process that started it dies (Linux
+    PR_SET_PDEATHSIG, through util-linux's ``setpriv``), so a killed test run or CLI never
+    leaves a server behind holding its ports. ``setpriv`` rather than a ``preexec_fn``:
+    Python code between fork and exec in a process whose other threads hold locks (native
+    thread pools of the stages) can hang the child before it ever runs the server."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None or not sys.platform.startswith("linux"):
+        return command
+    return [setpriv, "--pdeathsig", "TERM", "--", *command]
 
 
 def _spawn(command: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log_file:
         return subprocess.Popen(
-            command,
+            _with_parent_death_signal(command),
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own group: Ctrl-C reaches us, and we stop it
-            preexec_fn=_die_with_parent,
         )
 
 
