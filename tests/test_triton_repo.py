@@ -275,7 +275,12 @@ def test_a_spawned_server_dies_with_the_process_that_started_it(tmp_path: Path) 
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert parent.stdout is not None
     child = int(parent.stdout.readline())
-    os.kill(child, 0)  # running
+    # setpriv asks for the signal after its own exec and before it execs the command; a
+    # parent killed before that asks is a parent no signal can follow, so wait for ``sleep``.
+    started = time.monotonic() + 30
+    while Path(f"/proc/{child}/comm").read_text().strip() != "sleep":
+        assert time.monotonic() < started, "the spawned command never started"
+        time.sleep(0.01)
     parent.send_signal(signal.SIGKILL)
     parent.wait(timeout=30)
     deadline = time.monotonic() + 30
