@@ -149,3 +149,60 @@ def test_a_running_header_over_two_columns_does_not_merge_them() -> None:
     assert reading_order(boxes, 1275, cfg).tolist() == [0, 1, 3, 4, 2, 5]
     furniture = np.array([True] + [False] * 5)
     assert reading_order(boxes, 1275, cfg, furniture=furniture).tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def test_a_heading_inside_a_text_box_splits_it_and_is_read_in_its_place() -> None:
+    """The layout model's text box runs over a heading it also found: the heading's line
+    goes to the heading (the smaller box), the text box's lines above and below it become
+    two pieces, and the page reads top piece, heading, bottom piece."""
+    lines = lines_of((110, 110, 390, 130), (110, 140, 390, 160),    # text above
+                     (110, 190, 250, 210),                          # the heading
+                     (110, 240, 390, 260), (110, 270, 390, 290))    # text below
+    layout = LayoutResult(width=500, height=700, regions=[
+        region(0, (100, 100, 400, 300)),
+        region(1, (105, 185, 255, 215), "title"),
+    ])
+    out = cover_page(layout, lines, LinesConfig(), LayoutConfig())
+    assert [(r.label, r.bbox) for r in out.regions] == [
+        ("text", (100.0, 110.0, 400.0, 160.0)),
+        ("title", (105.0, 185.0, 255.0, 215.0)),
+        ("text", (100.0, 240.0, 400.0, 290.0)),
+    ]
+    assert out.line_region is not None
+    assert out.line_region.tolist() == [0, 0, 1, 2, 2]
+
+
+def test_side_by_side_and_interleaved_regions_are_not_split() -> None:
+    """A region is cut only where another's lines lie wholly between two of its rows:
+    a caption beside a text box, and two boxes whose lines alternate, stay whole."""
+    lines = lines_of((110, 110, 290, 130), (110, 170, 290, 190),    # text, left
+                     (310, 140, 390, 160),                          # beside it, right
+                     (102, 300, 398, 320), (102, 360, 398, 380),    # a big box
+                     (120, 330, 380, 350), (120, 390, 380, 410))    # a box alternating
+    layout = LayoutResult(width=500, height=700, regions=[
+        region(0, (100, 100, 300, 200)),
+        region(1, (305, 135, 395, 165), "figure_caption"),
+        region(2, (100, 290, 400, 420)),
+        region(3, (115, 325, 385, 415)),
+    ])
+    out = cover_page(layout, lines, LinesConfig(), LayoutConfig())
+    assert len(out.regions) == 4
+    assert out.line_region is not None
+    held = out.line_region.tolist()
+    assert held[0] == held[1] != held[2]
+    assert held[3] == held[4] != held[5] == held[6]
+
+
+def test_regions_are_ordered_where_their_lines_are() -> None:
+    """Two boxes over one column: the first starts higher but holds only the column's last
+    line (its box reaches up past the other's); the page reads the other's lines first."""
+    lines = lines_of((110, 110, 390, 130), (110, 140, 390, 160), (110, 170, 390, 190),
+                     (110, 200, 390, 240))
+    layout = LayoutResult(width=500, height=700, regions=[
+        region(0, (100, 98, 400, 245), "figure", Task.SKIP),
+        region(1, (100, 100, 400, 195)),
+    ])
+    out = cover_page(layout, lines, LinesConfig(), LayoutConfig())
+    assert [r.label for r in out.regions] == ["text", "figure"]
+    assert out.line_region is not None
+    assert out.line_region.tolist() == [0, 0, 0, 1]

@@ -12,7 +12,10 @@ the two:
    ``layout.figure_text`` is ``read``;
 3. the lines no region holds are grouped into blocks (vertical proximity, a shared
    column) that become regions of their own, label ``text``, origin ``lines``;
-4. ``abandon`` regions are dropped with their lines, and the rest is put in reading order.
+4. a region whose lines are interrupted by another region's lines (a heading inside a text
+   box, a box nested in a larger one) is split there, so each piece is read in its place;
+5. ``abandon`` regions are dropped with their lines, and the rest is put in reading order,
+   each region placed by where its lines are (the layout box where it holds none).
 
 All of it is array code over boxes; the only Python loops run over headings (a handful
 per page) and over the label-propagation rounds of the block grouping.
@@ -121,6 +124,73 @@ def line_rows(boxes: npt.NDArray[np.floating]
     return order, row_of[order]
 
 
+def interruptions(line_boxes: npt.NDArray[np.floating], owner: npt.NDArray[np.int64],
+                  region_boxes: npt.NDArray[np.floating]) -> npt.NDArray[np.int64]:
+    """Each line's piece of its region: regions are cut where another region's lines lie
+    between two of their rows. Region S interrupts region R when S's lines are mostly
+    within R's horizontal extent and lie, all of them, between R's lines (some of R's above,
+    some below, none level with S's). Returns, per line, 0 for the top piece of its region
+    and k for the piece below the k-th cut (-1 where ``owner`` is -1)."""
+    b = np.asarray(line_boxes, dtype=np.float64).reshape(-1, 4)
+    piece = np.where(owner >= 0, 0, -1).astype(np.int64)
+    n_regions = len(region_boxes)
+    if n_regions < 2 or not (owner >= 0).any():
+        return piece
+    rb = np.asarray(region_boxes, dtype=np.float64).reshape(-1, 4)
+    held = owner >= 0
+    cy = (b[:, 1] + b[:, 3]) / 2.0
+    # Each region's lines: vertical extent of their centres and horizontal extent.
+    top = np.full(n_regions, np.inf)
+    bottom = np.full(n_regions, -np.inf)
+    left = np.full(n_regions, np.inf)
+    right = np.full(n_regions, -np.inf)
+    np.minimum.at(top, owner[held], cy[held])
+    np.maximum.at(bottom, owner[held], cy[held])
+    np.minimum.at(left, owner[held], b[held, 0])
+    np.maximum.at(right, owner[held], b[held, 2])
+    has_lines = np.isfinite(top)
+    # S within R horizontally: at least half of S's lines' width inside R's box.
+    overlap = (np.minimum(right[None, :], rb[:, 2:3]) - np.maximum(left[None, :], rb[:, 0:1]))
+    within = overlap >= 0.5 * np.maximum(right - left, 1.0)[None, :]  # (R, S)
+    candidates = within & has_lines[None, :] & has_lines[:, None]
+    candidates &= (top[None, :] > top[:, None]) & (bottom[None, :] < bottom[:, None])
+    np.fill_diagonal(candidates, False)
+    for r in np.flatnonzero(candidates.any(axis=1)).tolist():  # a few regions per page
+        mine = np.flatnonzero(owner == r)
+        cuts = [float(top[s]) for s in np.flatnonzero(candidates[r]).tolist()
+                if not ((cy[mine] >= top[s]) & (cy[mine] <= bottom[s])).any()]
+        if cuts:
+            piece[mine] = np.searchsorted(np.unique(cuts), cy[mine])
+    return piece
+
+
+def _split_regions(regions: list[Region], owner: npt.NDArray[np.int64],
+                   piece: npt.NDArray[np.int64], line_boxes: npt.NDArray[np.floating]
+                   ) -> tuple[list[Region], npt.NDArray[np.int64]]:
+    """``regions`` with each cut region replaced by its pieces (same label and task, the
+    region's horizontal extent, its lines' vertical extent); ``owner`` renumbered."""
+    cut = np.zeros(len(regions), dtype=bool)
+    cut[owner[piece > 0]] = True
+    if not cut.any():
+        return regions, owner
+    b = np.asarray(line_boxes, dtype=np.float64).reshape(-1, 4)
+    out: list[Region] = []
+    new_owner = owner.copy()
+    for i, region in enumerate(regions):
+        if not cut[i]:
+            new_owner[owner == i] = len(out)
+            out.append(region)
+            continue
+        for k in np.unique(piece[owner == i]).tolist():
+            members = (owner == i) & (piece == k)
+            new_owner[members] = len(out)
+            out.append(dataclasses.replace(
+                region, polygon=None,
+                bbox=(region.bbox[0], float(b[members, 1].min()),
+                      region.bbox[2], float(b[members, 3].max()))))
+    return out, new_owner
+
+
 def _coverage_regions(lines: PageLines, loose: npt.NDArray[np.intp], cfg: LinesConfig
                       ) -> tuple[list[Region], npt.NDArray[np.int64]]:
     """Regions made of the lines ``loose`` (indices into ``lines``), and each loose
@@ -162,9 +232,13 @@ def cover_page(layout: LayoutResult, lines: PageLines | None, cfg: LinesConfig,
             blocks, block = _coverage_regions(lines, loose, cfg)
             owner[loose] = len(regions) + block
             regions += blocks
+    if lines is not None and n_lines:
+        region_boxes = np.array([r.bbox for r in regions], dtype=np.float64).reshape(-1, 4)
+        piece = interruptions(lines.boxes, owner, region_boxes)
+        regions, owner = _split_regions(regions, owner, piece, lines.boxes)
     keep = np.array([r.task is not Task.ABANDON for r in regions], dtype=bool)
     kept = np.flatnonzero(keep)
-    boxes = np.array([regions[i].bbox for i in kept], dtype=np.float64).reshape(-1, 4)
+    boxes = _ordering_boxes(regions, owner, None if lines is None else lines.boxes)[kept]
     headings = np.array([regions[i].label in layout_cfg.heading_labels for i in kept], bool)
     furniture = np.array([regions[i].label in layout_cfg.furniture_labels for i in kept], bool)
     order = kept[reading_order(boxes, layout.width, layout_cfg, headings=headings,
@@ -175,3 +249,23 @@ def cover_page(layout: LayoutResult, lines: PageLines | None, cfg: LinesConfig,
     line_region = np.where(owner >= 0, new_index[np.maximum(owner, 0)], -1).astype(np.int32)
     return LayoutResult(width=layout.width, height=layout.height, regions=final,
                         layout_s=layout.layout_s, lines=lines, line_region=line_region)
+
+
+def _ordering_boxes(regions: list[Region], owner: npt.NDArray[np.int64],
+                    line_boxes: npt.NDArray[np.floating] | None) -> npt.NDArray[np.float64]:
+    """The boxes reading order sorts: a region's horizontal extent, and vertically where its
+    lines are (a layout box often reaches above or below the text it holds, past a
+    neighbour's); the layout box of a region without lines."""
+    boxes = np.array([r.bbox for r in regions], dtype=np.float64).reshape(-1, 4)
+    if line_boxes is None or not (owner >= 0).any():
+        return boxes
+    b = np.asarray(line_boxes, dtype=np.float64).reshape(-1, 4)
+    held = owner >= 0
+    top = np.full(len(regions), np.inf)
+    bottom = np.full(len(regions), -np.inf)
+    np.minimum.at(top, owner[held], b[held, 1])
+    np.maximum.at(bottom, owner[held], b[held, 3])
+    has = np.isfinite(top)
+    boxes[has, 1] = top[has]
+    boxes[has, 3] = bottom[has]
+    return boxes
