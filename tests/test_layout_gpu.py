@@ -284,3 +284,51 @@ def test_jpeg_routing_and_fallbacks_of_the_batch_decoder(
     assert isinstance(out[0], torch.Tensor) and isinstance(out[1], torch.Tensor)
     assert out[1].shape == decoder.decode([refused])[0].shape
     assert isinstance(out[2], PageDecodeError) and "truncated" in str(out[2])
+
+
+@pytest.mark.slow
+def test_folio_run_with_the_gpu_resident_stage_stores_what_the_host_path_stores(
+        cfg: FolioConfig, corpus_dir: Path, tmp_path: Path) -> None:
+    """``layout.gpu_resident`` selects the stage for a whole run (auto on CUDA, on here):
+    a page read from its bytes, a page the orientation probe turns upright (sent as the
+    upright pixels) and rendered PDF pages (some turned) get the regions, lines and texts
+    of the default path, and the run records which layout stage it used."""
+    import json
+    import sqlite3
+
+    from orchestrator.engines.pipeline import GpuResidentLayout, InProcessLayout, Pipeline
+
+    turned = tmp_path / "turned.png"
+    cv2.imwrite(str(turned), cv2.rotate(load_bgr(corpus_dir / "pages" / "typewriter.png"),
+                                        cv2.ROTATE_90_CLOCKWISE))
+    sources = [corpus_dir / "pages" / "typewriter.png", turned, corpus_dir / "pages" /
+               "cardinal.pdf"]
+    stored: dict[str, list[tuple[object, ...]]] = {}
+    for mode, backend in (("on", GpuResidentLayout), ("off", InProcessLayout)):
+        run_cfg = cfg.override({"layout.gpu_resident": mode, "decode.orient": True})
+        pipeline = Pipeline(run_cfg)
+        assert isinstance(pipeline.layout, backend)
+        db = tmp_path / f"{mode}.db"
+        try:
+            summary = pipeline.run([str(s) for s in sources], db)
+        finally:
+            pipeline.close()
+        assert summary.errors == 0, summary.first_errors
+        conn = sqlite3.connect(db)
+        stored[mode] = conn.execute(
+            "SELECT r.label, r.x0, r.y0, r.x1, r.y1, coalesce(r.text, ''), p.rotation "
+            "FROM regions r JOIN pages p ON p.id = r.page_id JOIN documents d "
+            "ON d.id = p.document_id ORDER BY d.source, p.page, r.idx").fetchall()
+        manifest = json.loads(conn.execute("SELECT manifest FROM runs").fetchone()[0])
+        assert manifest["layout"]["backend"] == backend.name
+        conn.close()
+    on, off = stored["on"], stored["off"]
+    assert len(on) == len(off) > 10
+    # pages turned upright (the turned PNG, cardinal.pdf's turned pages) went as pixels
+    assert {row[6] for row in on} > {0}
+    assert [row[6] for row in on] == [row[6] for row in off]
+    assert [row[0] for row in on] == [row[0] for row in off]
+    boxes_on = np.array([row[1:5] for row in on], dtype=np.float64)
+    boxes_off = np.array([row[1:5] for row in off], dtype=np.float64)
+    assert np.diag(iou_matrix(boxes_on, boxes_off)).min() > 0.98
+    assert [row[5] for row in on] == [row[5] for row in off]

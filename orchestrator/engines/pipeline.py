@@ -107,11 +107,42 @@ class InProcessLayout:
         pass
 
 
+class GpuResidentLayout:
+    """The layout stage on the layout device from the encoded pages
+    (``orchestrator.stages.layout_gpu``: decode, resize, model and post-processing there;
+    only boxes come back). A page the decode stage turned upright, or rendered from a PDF,
+    is sent as its pixels (uint8), as the Triton backend does; the rest as their bytes."""
+
+    name = "gpu_resident"
+
+    def __init__(self, cfg: FolioConfig, device: str) -> None:
+        from orchestrator.stages.layout_gpu import GpuLayoutStage
+
+        self._stage = GpuLayoutStage(cfg, device=device)
+        self.manifest: dict[str, Any] = dict(getattr(self._stage.model, "manifest", {}))
+
+    def detect(
+        self, pages: Sequence[DecodedPage], encoded: Sequence[EncodedPage]
+    ) -> list[LayoutResult | PageError]:
+        items = [source.data if source.data is not None and not page.rotation else page.image
+                 for page, source in zip(pages, encoded, strict=True)]
+        return self._stage.detect(items).results
+
+    def close(self) -> None:
+        pass
+
+
 def make_layout_backend(cfg: FolioConfig, device: str) -> LayoutBackend:
+    """Triton when ``layout.backend`` says so; else in this process, the GPU-resident stage
+    where ``layout.gpu_resident`` selects it (auto: on a CUDA device)."""
     if cfg.layout.backend == "triton":
         from client.triton_layout import TritonLayoutBackend
 
         return TritonLayoutBackend(cfg)
+    from orchestrator.stages.layout_gpu import gpu_resident_enabled
+
+    if gpu_resident_enabled(cfg, device):
+        return GpuResidentLayout(cfg, device)
     return InProcessLayout(cfg, device)
 
 
