@@ -16,11 +16,15 @@ Per page: word F1 (multisets of lower-case words) and the normalised edit distan
   its order (the plain whole-page OCR a user would otherwise run).
 
 On the Federal Register pages the text layer's own order is not always the reading order:
-pages 2 and 3 list every footnote of the page first, then the body. For them the
-benchmark also reports the edit distance against the same text layer's lines read column
-by column (``column_order``: lines that span the page at its top first, then each column
-left to right, top to bottom, footnotes under their column), from the glyph boxes of the
-text layer itself, so reading order is measured on every page of running text.
+pages 2 and 3 list every footnote of the page first, then the body. A page of running
+text has more than one correct reading, so for these pages the benchmark also builds a
+second one from the same text layer, its lines read column by column (``column_order``:
+lines that span the page at its top first, then each column left to right, top to bottom,
+footnotes under their column, from the text layer's own glyph boxes), and reports the
+edit distance against it ("columns") and against whichever of the two orders is nearer
+("nearer"), for both readers. The column order is a plain rule, right on pages of three
+columns and wrong where a table spans the columns (page 6), which is why it is a second
+truth and not a replacement for the stream.
 
 Both read the same image files, after a one-page warm-up each; pages/s is the number of
 pages over the run's wall time. Prints a line per page, then per set the mean of each
@@ -65,14 +69,15 @@ class Page:
     image: Path
     truth: str
     columns_truth: str | None = None  # the text layer's lines in column order
-    scores: dict[str, tuple[float, float, float]] = field(default_factory=dict)
-    # who -> (F1, ED, ED against columns_truth or nan)
+    scores: dict[str, tuple[float, float, float, float]] = field(default_factory=dict)
+    # who -> (F1, ED, ED against columns_truth, ED against the nearer order); nan: none
 
     def score(self, who: str, found: str) -> None:
-        by_columns = (edit_distance(found, self.columns_truth)
-                      if self.columns_truth is not None else float("nan"))
-        self.scores[who] = (word_f1(found, self.truth), edit_distance(found, self.truth),
-                            by_columns)
+        stream = edit_distance(found, self.truth)
+        columns = (edit_distance(found, self.columns_truth)
+                   if self.columns_truth is not None else float("nan"))
+        self.scores[who] = (word_f1(found, self.truth), stream, columns,
+                            min(stream, columns))
 
 
 def render(out: Path, dpi: int, register_pages: int, limit: int | None,
@@ -174,24 +179,26 @@ def main() -> None:
         base_rate = run_baseline(pages)
 
     print(f"\n{'page':<44} {'folio F1':>9} {'ED':>6} {'rapidocr F1':>12} {'ED':>6}"
-          f"   ED in column order: folio, rapidocr")
+          f"   ED columns, nearer: folio | rapidocr")
     for p in pages:
-        (f1, ed, ced), (bf1, bed, bced) = p.scores["folio"], p.scores["rapidocr"]
-        extra = f"   {ced:.3f}, {bced:.3f}" if p.columns_truth is not None else ""
+        (f1, ed, ced, ned), (bf1, bed, bced, bned) = p.scores["folio"], p.scores["rapidocr"]
+        extra = (f"   {ced:.3f} {ned:.3f} | {bced:.3f} {bned:.3f}"
+                 if p.columns_truth is not None else "")
         print(f"{p.name:<44} {f1:>9.4f} {ed:>6.3f} {bf1:>12.4f} {bed:>6.3f}{extra}")
     print(f"\n{'set':<20} {'pages':>5} {'folio F1':>9} {'rapidocr F1':>12} "
-          f"{'folio ED':>9} {'rapidocr ED':>12}   ED in column order: folio, rapidocr")
+          f"{'folio ED':>9} {'rapidocr ED':>12}   ED columns, nearer: folio | rapidocr")
     summary: dict[str, Any] = {"dpi": args.dpi, "sets": {}}
     for set_name in SETS:
         members = [p for p in pages if p.set == set_name]
         if not members:
             continue
         means = {who: [sum(p.scores[who][k] for p in members) / len(members)
-                       for k in (0, 1, 2)] for who in ("folio", "rapidocr")}
+                       for k in (0, 1, 2, 3)] for who in ("folio", "rapidocr")}
         ordered = all(p.columns_truth is not None for p in members)
         summary["sets"][set_name] = {"pages": len(members), **{
             who: m if ordered else m[:2] for who, m in means.items()}}
-        extra = f"   {means['folio'][2]:.3f}, {means['rapidocr'][2]:.3f}" if ordered else ""
+        extra = (f"   {means['folio'][2]:.3f} {means['folio'][3]:.3f} | "
+                 f"{means['rapidocr'][2]:.3f} {means['rapidocr'][3]:.3f}" if ordered else "")
         print(f"{set_name:<20} {len(members):>5} {means['folio'][0]:>9.4f} "
               f"{means['rapidocr'][0]:>12.4f} {means['folio'][1]:>9.3f} "
               f"{means['rapidocr'][1]:>12.3f}{extra}")
