@@ -154,6 +154,9 @@ class LayoutResult:
     layout_s: float = 0.0
     lines: PageLines | None = None
     line_region: Int32Array | None = None  # (N,) each line's region index, -1: none
+    # The page on the layout device, (3, H, W) uint8 RGB (a torch tensor), where the
+    # GPU-resident stage kept it for a recogniser that reads region crops; else None.
+    page_pixels: Any = None
 
 
 @dataclass(slots=True)
@@ -174,6 +177,9 @@ class RegionTask:
     region: Region
     image: UInt8Array | None  # HWC uint8 BGR crop of the region; None: lines only
     lines: list[LineCrop] = field(default_factory=list)
+    # The crop on the layout device instead of ``image`` ((3, h, w) uint8 RGB, a torch
+    # tensor), for the recogniser to fit and encode there (orchestrator.stages.crop_gpu).
+    device_image: Any = None
 
     @property
     def task(self) -> Task:

@@ -85,3 +85,31 @@ def test_png_profiles_and_empty_pages(corpus_dir: Path) -> None:
     ((_, crop),) = region_crops(page, layout, CropConfig(), png)
     assert crop.mime == "image/png" and crop.data.startswith(b"\x89PNG")
     assert region_crops(page, LayoutResult(width, height, []), CropConfig(), png) == []
+
+
+def test_region_tasks_cut_on_the_device_where_the_layout_kept_the_page(
+        corpus_dir: Path) -> None:
+    """A layout holding its page on the device (``page_pixels``) gives tasks whose crops
+    are there (``device_image``, no host crop): the regions, lines and crop sizes of the
+    host path, and the vLLM recogniser's encoding of them is ``region_crops``'."""
+    from orchestrator.stages.recognize_vllm import encode_task_crop
+
+    bgr = load_bgr(corpus_dir / "pages" / "linn.png")
+    height, width = bgr.shape[:2]
+    page = torch.from_numpy(np.ascontiguousarray(bgr[:, :, ::-1])).permute(2, 0, 1)
+    layout = LayoutResult(width=width, height=height, regions=_regions(width, height))
+    decoded = DecodedPage(ref=PageRef("linn.png", 1), image=bgr,
+                          model_input=np.zeros((3, 1, 1), np.float32))
+    cfg = CropConfig(min_side_px=4)
+    host = region_tasks(decoded, layout, cfg, reads_lines=False)
+    kept = dataclasses.replace(layout, page_pixels=page)
+    device = region_tasks(decoded, kept, cfg, reads_lines=False)
+    assert [t.region for t in device] == [t.region for t in host]
+    assert len(device) == 5
+    for on_device, on_host in zip(device, host, strict=True):
+        assert on_device.image is None and on_host.device_image is None
+        assert on_host.image is not None
+        assert tuple(on_device.device_image.shape) == (3, *on_host.image.shape[:2])
+        assert on_device.device_image.device == page.device
+    expected = [to_encoded_crop(c) for _, c in region_crops(page, layout, cfg, GLM_OCR)]
+    assert [encode_task_crop(t, GLM_OCR) for t in device] == expected

@@ -292,6 +292,48 @@ def test_server_killed_mid_run_and_restarted_every_region_once(
 
 
 @pytest.mark.slow
+def test_gpu_resident_layout_sends_crops_cut_where_it_kept_the_page(
+        vllm_url: str, corpus_dir: Path, model_dir: Path, tmp_path: Path) -> None:
+    """With the GPU-resident layout stage (``layout.gpu_resident = "on"``, the CPU running
+    its code) the vLLM recogniser's crops are cut and encoded where the stage kept each
+    page: every region sent was cut there and got its completion, and the requests carry
+    the crops of the default path (the same regions, the same prompt sizes within a row
+    of patches, since boxes may move by a pixel between the two layout paths)."""
+    from orchestrator.config import FolioConfig
+    from orchestrator.engines.pipeline import Pipeline
+
+    sources = [str(corpus_dir / "pages" / "typewriter.png"),
+               str(corpus_dir / "pages" / "cardinal.pdf")]
+    stored: dict[str, list[tuple[Any, ...]]] = {}
+    for mode in ("on", "off"):
+        cfg = FolioConfig().override({
+            "layout.model_dir": str(model_dir), "layout.gpu_resident": mode,
+            "recognize.engine": "vllm", "vllm.url": vllm_url, "vllm.profile": PROFILE.name})
+        pipeline = Pipeline(cfg)
+        db = tmp_path / f"{mode}.db"
+        try:
+            summary = pipeline.run(sources, db)
+            device_crops = pipeline.recognizer.metrics()["device_crops"]  # type: ignore[attr-defined]
+        finally:
+            pipeline.close()
+        assert summary.errors == 0, summary.first_errors
+        with sqlite3.connect(db) as conn:
+            stored[mode] = conn.execute(
+                "SELECT r.label, r.task, r.text, r.error, r.prompt_tokens FROM regions r "
+                "JOIN pages p ON p.id = r.page_id JOIN documents d ON d.id = p.document_id "
+                "ORDER BY d.source, p.page, r.idx").fetchall()
+        sent = [row for row in stored[mode] if row[1] in ("text", "table", "formula")]
+        assert device_crops == (len(sent) if mode == "on" else 0)
+    on, off = stored["on"], stored["off"]
+    assert [row[:2] for row in on] == [row[:2] for row in off]
+    pairs = [(a, b) for a, b in zip(on, off, strict=True)
+             if a[1] in ("text", "table", "formula")]
+    assert len(pairs) > 5
+    for a, b in pairs:
+        assert a[3] is None and a[2] is not None, a
+        assert abs(a[4] - b[4]) <= 0.1 * b[4], (a, b)
+
+
 def test_folio_run_with_the_vllm_recognizer(vllm_url: str, corpus_dir: Path, model_dir: Path,
                                             tmp_path: Path) -> None:
     """`folio run --recognizer vllm` over the corpus: every text/table/formula region gets

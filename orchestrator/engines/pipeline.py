@@ -111,14 +111,16 @@ class GpuResidentLayout:
     """The layout stage on the layout device from the encoded pages
     (``orchestrator.stages.layout_gpu``: decode, resize, model and post-processing there;
     only boxes come back). A page the decode stage turned upright, or rendered from a PDF,
-    is sent as its pixels (uint8), as the Triton backend does; the rest as their bytes."""
+    is sent as its pixels (uint8), as the Triton backend does; the rest as their bytes.
+    ``keep_pages``: each result holds its page on the device (``page_pixels``), so a
+    recogniser that reads region crops gets them cut and encoded there."""
 
     name = "gpu_resident"
 
-    def __init__(self, cfg: FolioConfig, device: str) -> None:
+    def __init__(self, cfg: FolioConfig, device: str, *, keep_pages: bool = False) -> None:
         from orchestrator.stages.layout_gpu import GpuLayoutStage
 
-        self._stage = GpuLayoutStage(cfg, device=device)
+        self._stage = GpuLayoutStage(cfg, device=device, keep_pages=keep_pages)
         self.manifest: dict[str, Any] = dict(getattr(self._stage.model, "manifest", {}))
 
     def detect(
@@ -126,15 +128,21 @@ class GpuResidentLayout:
     ) -> list[LayoutResult | PageError]:
         items = [source.data if source.data is not None and not page.rotation else page.image
                  for page, source in zip(pages, encoded, strict=True)]
-        return self._stage.detect(items).results
+        batch = self._stage.detect(items)
+        for result, image in zip(batch.results, batch.images, strict=True):
+            if isinstance(result, LayoutResult):
+                result.page_pixels = image
+        return batch.results
 
     def close(self) -> None:
         pass
 
 
-def make_layout_backend(cfg: FolioConfig, device: str) -> LayoutBackend:
+def make_layout_backend(cfg: FolioConfig, device: str, *, keep_pages: bool = False
+                        ) -> LayoutBackend:
     """Triton when ``layout.backend`` says so; else in this process, the GPU-resident stage
-    where ``layout.gpu_resident`` selects it (auto: on a CUDA device)."""
+    where ``layout.gpu_resident`` selects it (auto: on a CUDA device), keeping the pages on
+    the device with ``keep_pages`` (for a recogniser in this process that reads crops)."""
     if cfg.layout.backend == "triton":
         from client.triton_layout import TritonLayoutBackend
 
@@ -142,7 +150,7 @@ def make_layout_backend(cfg: FolioConfig, device: str) -> LayoutBackend:
     from orchestrator.stages.layout_gpu import gpu_resident_enabled
 
     if gpu_resident_enabled(cfg, device):
-        return GpuResidentLayout(cfg, device)
+        return GpuResidentLayout(cfg, device, keep_pages=keep_pages)
     return InProcessLayout(cfg, device)
 
 
@@ -263,8 +271,11 @@ class Pipeline:
         self.interrupted_by: str | None = None  # what set run()'s stop event (a signal)
         self._queues: dict[str, Callable[[], int]] = {}  # depth of each queue while running
         self.decoder = decoder or Decoder(cfg.decode, cfg.sources, cfg.lines)
-        self.layout = layout or make_layout_backend(cfg, self.decoder.device)
         self.recognizer = recognizer or make_recognizer(cfg)
+        # A recogniser reading region crops gets them cut where the page already is.
+        self.layout = layout or make_layout_backend(
+            cfg, self.decoder.device,
+            keep_pages=not getattr(self.recognizer, "reads_lines", True))
 
     def manifest(self) -> dict[str, Any]:
         from importlib.metadata import PackageNotFoundError, version

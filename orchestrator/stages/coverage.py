@@ -248,7 +248,8 @@ def cover_page(layout: LayoutResult, lines: PageLines | None, cfg: LinesConfig,
     final = [dataclasses.replace(regions[i], index=k) for k, i in enumerate(order)]
     line_region = np.where(owner >= 0, new_index[np.maximum(owner, 0)], -1).astype(np.int32)
     return LayoutResult(width=layout.width, height=layout.height, regions=final,
-                        layout_s=layout.layout_s, lines=lines, line_region=line_region)
+                        layout_s=layout.layout_s, lines=lines, line_region=line_region,
+                        page_pixels=layout.page_pixels)
 
 
 def _ordering_boxes(regions: list[Region], owner: npt.NDArray[np.int64],

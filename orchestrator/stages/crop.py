@@ -61,7 +61,9 @@ def region_tasks(page: DecodedPage, layout: LayoutResult, cfg: CropConfig,
 
     ``reads_lines``: each line is cut out of the page for a recogniser that reads lines,
     and a region holding no line has nothing to read (no task); otherwise the region is
-    cropped for a recogniser that reads regions, and its lines carry their boxes only.
+    cropped for a recogniser that reads regions, and its lines carry their boxes only:
+    on the layout device where the GPU-resident stage kept the page there
+    (``layout.page_pixels``; the task's ``device_image``), else from the host page.
     """
     line_boxes = None if layout.lines is None else layout.lines.boxes
     owner = layout.line_region
@@ -81,6 +83,14 @@ def region_tasks(page: DecodedPage, layout: LayoutResult, cfg: CropConfig,
         if reads_lines:
             if lines:
                 tasks.append(RegionTask(ref=page.ref, region=region, image=None, lines=lines))
+            continue
+        if layout.page_pixels is not None:
+            from orchestrator.stages.crop_gpu import device_crop  # torch: only on this path
+
+            on_device = device_crop(layout.page_pixels, region, cfg)
+            if on_device is not None:
+                tasks.append(RegionTask(ref=page.ref, region=region, image=None, lines=lines,
+                                        device_image=on_device))
             continue
         crop = crop_region(page.image, region, cfg)
         if crop is not None:

@@ -39,7 +39,8 @@ from orchestrator.types import LayoutResult, Region
 if TYPE_CHECKING:
     from orchestrator.stages.recognize_vllm import EncodedCrop
 
-__all__ = ["CropImage", "fit_crop", "region_crops", "to_encoded_crop"]
+__all__ = ["CropImage", "device_crop", "encode_crops", "fit_crop", "region_crops",
+           "to_encoded_crop"]
 
 _WHITE = 255  # padding: what a page background is
 
@@ -148,6 +149,40 @@ def _polygon_crop(
         page.device)
 
 
+def device_crop(page: torch.Tensor, region: Region, cfg: CropConfig) -> torch.Tensor | None:
+    """A region's (3, h, w) uint8 crop of a (3, H, W) uint8 RGB page, on the page's device,
+    with the crop stage's bounds (``crop.crop_bounds``); None where it is under
+    ``cfg.min_side_px`` or its polygon leaves nothing, as ``crop.crop_region`` decides."""
+    height, width = int(page.shape[1]), int(page.shape[2])
+    bounds = crop_bounds(region.bbox, width, height, cfg.margin_px)
+    x0, y0, x1, y1 = bounds
+    if x1 - x0 < cfg.min_side_px or y1 - y0 < cfg.min_side_px:
+        return None
+    if region.polygon is None:
+        return page[:, y0:y1, x0:x1]
+    return _polygon_crop(page, region, bounds, cfg)
+
+
+def encode_crops(crops: Sequence[torch.Tensor], profile: ModelProfile) -> list[CropImage]:
+    """Crops fitted to ``profile``'s pixel budget and encoded in its format: one batched
+    nvJPEG call for JPEG crops on CUDA, OpenCV on the host otherwise."""
+    if not crops:
+        return []
+    kept = [fit_crop(crop, profile) for crop in crops]
+    images = [image for image, _, _ in kept]
+    on_device = images[0].device.type == "cuda" and profile.image_format == "jpeg"
+    data = (_encode_on_device(images, profile.jpeg_quality) if on_device
+            else _encode_on_host(images, profile))
+    mime = "image/png" if profile.image_format == "png" else "image/jpeg"
+    out = []
+    for (image, padded, resized), blob in zip(kept, data, strict=True):
+        h, w = int(image.shape[1]), int(image.shape[2])
+        out.append(CropImage(data=blob, mime=mime, width=w, height=h,
+                             image_tokens=profile.budget.image_tokens(h, w), resized=resized,
+                             padded=padded))
+    return out
+
+
 def region_crops(
     page: torch.Tensor,
     layout: LayoutResult,
@@ -157,36 +192,12 @@ def region_crops(
     """The encoded crop of every recognised region of a (3, H, W) uint8 RGB page, in
     reading order; regions under ``cfg.min_side_px`` are left out, as ``region_tasks``
     leaves them out."""
-    height, width = int(page.shape[1]), int(page.shape[2])
-    kept: list[tuple[Region, torch.Tensor, bool, bool]] = []
+    kept: list[tuple[Region, torch.Tensor]] = []
     for region in layout.regions:
-        if not region.task.recognized:
-            continue
-        bounds = crop_bounds(region.bbox, width, height, cfg.margin_px)
-        x0, y0, x1, y1 = bounds
-        if x1 - x0 < cfg.min_side_px or y1 - y0 < cfg.min_side_px:
-            continue
-        crop = (page[:, y0:y1, x0:x1] if region.polygon is None
-                else _polygon_crop(page, region, bounds, cfg))
-        if crop is None:
-            continue
-        fitted, padded, resized = fit_crop(crop, profile)
-        kept.append((region, fitted, padded, resized))
-    if not kept:
-        return []
-    images = [k[1] for k in kept]
-    on_device = page.device.type == "cuda" and profile.image_format == "jpeg"
-    data = (_encode_on_device(images, profile.jpeg_quality) if on_device
-            else _encode_on_host(images, profile))
-    mime = "image/png" if profile.image_format == "png" else "image/jpeg"
-    out = []
-    for (region, image, padded, resized), blob in zip(kept, data, strict=True):
-        h, w = int(image.shape[1]), int(image.shape[2])
-        out.append((region, CropImage(
-            data=blob, mime=mime, width=w, height=h,
-            image_tokens=profile.budget.image_tokens(h, w), resized=resized, padded=padded,
-        )))
-    return out
+        if region.task.recognized and (crop := device_crop(page, region, cfg)) is not None:
+            kept.append((region, crop))
+    encoded = encode_crops([crop for _, crop in kept], profile)
+    return [(region, image) for (region, _), image in zip(kept, encoded, strict=True)]
 
 
 def to_encoded_crop(crop: CropImage) -> EncodedCrop:

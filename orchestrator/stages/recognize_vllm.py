@@ -186,6 +186,20 @@ def request_bytes(
 Encoder = Callable[[UInt8Array, ModelProfile], EncodedCrop]
 
 
+def encode_task_crop(task: RegionTask, profile: ModelProfile, encoder: Encoder = encode_crop
+                     ) -> EncodedCrop:
+    """A task's crop fitted and encoded for ``profile``: on the layout device where the crop
+    is there (``device_image``, ``orchestrator.stages.crop_gpu``), else the host crop by
+    ``encoder``."""
+    if task.device_image is not None:
+        from orchestrator.stages.crop_gpu import encode_crops, to_encoded_crop  # torch
+
+        return to_encoded_crop(encode_crops([task.device_image], profile)[0])
+    if task.image is None:
+        raise RecognitionError("a region reached the vLLM recogniser without its crop")
+    return encoder(task.image, profile)
+
+
 # --- errors inside the client -----------------------------------------------------------
 
 
@@ -249,6 +263,7 @@ class _Stats:
     errors: int = 0
     retries: int = 0
     requeues: int = 0
+    device_crops: int = 0  # crops cut and encoded on the layout device
     prompt_tokens: int = 0
     completion_tokens: int = 0
     first_start: float | None = None
@@ -385,6 +400,7 @@ class VLLMRecognizer:
                 "regions_failed": s.errors,
                 "retries": s.retries,
                 "requeues": s.requeues,
+                "device_crops": s.device_crops,
                 "prompt_tokens": s.prompt_tokens,
                 "completion_tokens": s.completion_tokens,
                 "elapsed_s": round(elapsed, 3),
@@ -522,6 +538,9 @@ class VLLMRecognizer:
             return RecognitionResult(text=None, error=f"crop encoding failed: {exc}")
         if self._stopping:
             return RecognitionResult(text=None, error="vLLM recogniser closed")
+        if task.device_image is not None:
+            with self._stats_lock:
+                self._stats.device_crops += 1
         now = time.monotonic()
         cost = self.profile.prompt_tokens_estimate(task.task, crop.height, crop.width)
         job = _Job(
@@ -541,17 +560,16 @@ class VLLMRecognizer:
         return await job.future
 
     def _prepare(self, task: RegionTask, model: str) -> tuple[EncodedCrop, bytes]:
-        if task.image is None:
-            raise RecognitionError("a region reached the vLLM recogniser without its crop")
         fit = self._fit
-        if fit is None:
-            crop = self._encoder(task.image, self.profile)
-            return crop, request_bytes(self.profile, model, task.task, crop.data_url)
         # The crop encoded within the budget that fits the server's window, and the output
         # capped at what fits beside this prompt.
-        crop = self._encoder(task.image, fit.profiles[task.task])
+        profile = self.profile if fit is None else fit.profiles[task.task]
+        crop = encode_task_crop(task, profile, self._encoder)
+        if fit is None:
+            return crop, request_bytes(self.profile, model, task.task, crop.data_url)
         max_tokens = fit.max_tokens(task.task, crop.image_tokens)
         return crop, request_bytes(self.profile, model, task.task, crop.data_url, max_tokens)
+
 
     # -- dispatch --------------------------------------------------------------------------
 
@@ -934,5 +952,6 @@ __all__ = [
     "VLLMRecognizer",
     "build_request",
     "encode_crop",
+    "encode_task_crop",
     "request_bytes",
 ]
