@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
-import logging
 import os
 import signal
 import socket
@@ -89,33 +88,6 @@ def parquet_pages(out: Path) -> Counter[tuple[str, int]]:
         seen.update(zip(table.column("source").to_pylist(), table.column("page").to_pylist(),
                         strict=True))
     return seen
-
-
-@pytest.fixture(scope="module")
-def ray_address() -> Iterator[str]:
-    """A Ray on this machine with its 2 CPUs, every server bound to 127.0.0.1.
-
-    Started by ``ray start`` in a process of its own: forking Ray's servers from this
-    long-lived test process, whose earlier tests leave native thread pools behind, can
-    hang the child between fork and exec."""
-    # Ray then takes 127.0.0.1 as the node address and binds its servers there (see
-    # orchestrator.engines.ray_engine); set before ray is imported here too.
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    import ray
-
-    ray_cli = str(Path(sys.executable).with_name("ray"))
-    port = _free_port()
-    subprocess.run([ray_cli, "start", "--head", f"--port={port}", "--num-cpus=2",
-                    "--node-ip-address=127.0.0.1", "--include-dashboard=false",
-                    "--disable-usage-stats"], check=True, capture_output=True, timeout=180,
-                   env={**os.environ, "RAY_AUTH_MODE": "disabled"})
-    address = f"127.0.0.1:{port}"
-    try:
-        ray.init(address=address, logging_level=logging.WARNING)
-        yield address
-    finally:
-        ray.shutdown()
-        subprocess.run([ray_cli, "stop", "--force"], capture_output=True, timeout=120)
 
 
 def _free_port() -> int:
@@ -268,12 +240,6 @@ def test_a_killed_recognition_actor_is_retried_without_loss(
     db = tmp_path / "ray.db"
     assert folio("import", out, "--db", db).returncode == 0
     assert pages_of(db) == _expected(reference, KILL_SET)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture

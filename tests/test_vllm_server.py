@@ -334,6 +334,50 @@ def test_gpu_resident_layout_sends_crops_cut_where_it_kept_the_page(
         assert abs(a[4] - b[4]) <= 0.1 * b[4], (a, b)
 
 
+@pytest.mark.slow
+@pytest.mark.ray
+def test_the_ray_engine_recognises_through_vllm_clients(
+        vllm_url: str, ray_address: str, corpus_dir: Path, model_dir: Path,
+        tmp_path: Path) -> None:
+    """`folio run --engine ray --recognizer vllm` on a real local Ray: the recognition
+    actors are vLLM clients, here two clients of this one server (``ray.vllm_urls``);
+    every page comes back once, every text region with the server's completion, and
+    `folio import` loads the result."""
+    config = tmp_path / "folio.toml"
+    config.write_text(f'[ray]\nunit_pages = 2\nvllm_urls = ["{vllm_url}", "{vllm_url}"]\n'
+                      f'[vllm]\nprofile = "{PROFILE.name}"\n', encoding="utf-8")
+    out = tmp_path / "out"
+    pages = corpus_dir / "pages"
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "run", str(pages / "typewriter.png"),
+         str(pages / "cardinal.pdf"), "--engine", "ray", "--ray-address", ray_address,
+         "--out", str(out), "--config", str(config), "--recognizer", "vllm",
+         "--no-progress", "--json"],
+        capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    db = tmp_path / "imported.db"
+    imported = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "import", str(out), "--db", str(db)],
+        capture_output=True, text=True, timeout=300)
+    assert imported.returncode == 0, imported.stdout[-3000:] + imported.stderr[-3000:]
+    with sqlite3.connect(db) as conn:
+        statuses = conn.execute("SELECT d.source, p.page, p.status FROM pages p "
+                                "JOIN documents d ON d.id = p.document_id").fetchall()
+        rows = conn.execute("SELECT task, text, error, model, prompt_tokens FROM regions "
+                            "WHERE task IN ('text', 'table', 'formula')").fetchall()
+    import pypdfium2 as pdfium
+
+    pdf = pdfium.PdfDocument(str(pages / "cardinal.pdf"))
+    expected = 1 + len(pdf)
+    pdf.close()
+    assert len(statuses) == len({(s, p) for s, p, _ in statuses}) == expected
+    assert {status for _, _, status in statuses} == {"ok"}
+    assert len(rows) > 5
+    for task, text, error, model, prompt in rows:
+        assert error is None and text is not None, (task, error)
+        assert model == "tiny-qwen2vl" and prompt > 0
+
+
 def test_folio_run_with_the_vllm_recognizer(vllm_url: str, corpus_dir: Path, model_dir: Path,
                                             tmp_path: Path) -> None:
     """`folio run --recognizer vllm` over the corpus: every text/table/formula region gets
