@@ -137,17 +137,10 @@ def interruptions(line_boxes: npt.NDArray[np.floating], owner: npt.NDArray[np.in
     if n_regions < 2 or not (owner >= 0).any():
         return piece
     rb = np.asarray(region_boxes, dtype=np.float64).reshape(-1, 4)
-    held = owner >= 0
     cy = (b[:, 1] + b[:, 3]) / 2.0
     # Each region's lines: vertical extent of their centres and horizontal extent.
-    top = np.full(n_regions, np.inf)
-    bottom = np.full(n_regions, -np.inf)
-    left = np.full(n_regions, np.inf)
-    right = np.full(n_regions, -np.inf)
-    np.minimum.at(top, owner[held], cy[held])
-    np.maximum.at(bottom, owner[held], cy[held])
-    np.minimum.at(left, owner[held], b[held, 0])
-    np.maximum.at(right, owner[held], b[held, 2])
+    top, bottom = _extent(cy, cy, owner, n_regions)
+    left, right = _extent(b[:, 0], b[:, 2], owner, n_regions)
     has_lines = np.isfinite(top)
     # S within R horizontally: at least half of S's lines' width inside R's box.
     overlap = (np.minimum(right[None, :], rb[:, 2:3]) - np.maximum(left[None, :], rb[:, 0:1]))
@@ -261,12 +254,21 @@ def _ordering_boxes(regions: list[Region], owner: npt.NDArray[np.int64],
     if line_boxes is None or not (owner >= 0).any():
         return boxes
     b = np.asarray(line_boxes, dtype=np.float64).reshape(-1, 4)
-    held = owner >= 0
-    top = np.full(len(regions), np.inf)
-    bottom = np.full(len(regions), -np.inf)
-    np.minimum.at(top, owner[held], b[held, 1])
-    np.maximum.at(bottom, owner[held], b[held, 3])
+    top, bottom = _extent(b[:, 1], b[:, 3], owner, len(regions))
     has = np.isfinite(top)
     boxes[has, 1] = top[has]
     boxes[has, 3] = bottom[has]
     return boxes
+
+
+def _extent(low: npt.NDArray[np.float64], high: npt.NDArray[np.float64],
+            owner: npt.NDArray[np.int64], n_regions: int
+            ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Per region, the least ``low`` and the greatest ``high`` over the lines it holds
+    (``owner``; -1: none); inf and -inf for a region without lines."""
+    held = owner >= 0
+    least = np.full(n_regions, np.inf)
+    greatest = np.full(n_regions, -np.inf)
+    np.minimum.at(least, owner[held], low[held])
+    np.maximum.at(greatest, owner[held], high[held])
+    return least, greatest
