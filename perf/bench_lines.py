@@ -34,7 +34,9 @@ def main() -> None:
             images.append(decoded.image)
     folio, stock = LineDetector(cfg.lines), LineDetector(cfg.lines)
     det = stock._detector()
-    det.mean, det.std = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]  # as rapidocr's config gives them
+    # Back to plain lists, as rapidocr's config gives them (its pre-processing then makes
+    # float64 arrays of them).
+    det.mean, det.std = [float(v) for v in det.mean], [float(v) for v in det.std]
     for detector in (folio, stock):
         detector.detect(images[0])  # warm-up: engines, first-call compiles
     cpu = {"float32 (folio)": 0.0, "float64 (rapidocr's)": 0.0}

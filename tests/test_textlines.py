@@ -20,7 +20,8 @@ def test_the_page_is_normalised_in_float32_to_rapidocrs_values(corpus_dir: Path)
     det = detector._detector()
     image = load_bgr(corpus_dir / "pages" / "typewriter.png")
     ours = det.get_preprocess()
-    stock = DetPreProcess(det.limit_side_len, det.limit_type, [0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
+    stock = DetPreProcess(det.limit_side_len, det.limit_type, [float(v) for v in det.mean],
+                          [float(v) for v in det.std])  # lists, as rapidocr's config has them
     resized = ours.resize(image)
     assert ours.normalize(resized).dtype == np.float32
     assert stock.normalize(resized).dtype == np.float64
