@@ -45,12 +45,11 @@ import numpy as np
 from PIL import Image
 
 from orchestrator.config import VLLMConfig
+from orchestrator.stages.crop import EncodedCrop, encode_crop
 from orchestrator.stages.profiles import BUILTIN_PROFILES, GLM_OCR, ModelProfile
 from orchestrator.stages.recognize_vllm import (
     CHAT_PATH,
-    EncodedCrop,
     VLLMRecognizer,
-    encode_crop,
     request_bytes,
 )
 from orchestrator.types import PageRef, Region, RegionTask, Task

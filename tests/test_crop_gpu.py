@@ -1,6 +1,6 @@
 """Crops cut and encoded where the page is (``orchestrator.stages.crop_gpu``), here on CPU tensors,
 against the host path the vLLM recogniser runs today (``crop.region_tasks`` +
-``recognize_vllm.encode_crop``) on a real page."""
+``crop.encode_crop``) on a real page."""
 
 from __future__ import annotations
 
@@ -15,10 +15,9 @@ import torch
 from layout_fixtures import load_bgr
 
 from orchestrator.config import CropConfig
-from orchestrator.stages.crop import region_tasks
+from orchestrator.stages.crop import encode_crop, region_tasks
 from orchestrator.stages.crop_gpu import region_crops, to_encoded_crop
 from orchestrator.stages.profiles import GLM_OCR, QWEN2_VL_TINY, ModelProfile
-from orchestrator.stages.recognize_vllm import encode_crop
 from orchestrator.types import DecodedPage, LayoutResult, PageRef, Region, Task
 
 
@@ -92,7 +91,7 @@ def test_region_tasks_cut_on_the_device_where_the_layout_kept_the_page(
     """A layout holding its page on the device (``page_pixels``) gives tasks whose crops
     are there (``device_image``, no host crop): the regions, lines and crop sizes of the
     host path, and the vLLM recogniser's encoding of them is ``region_crops``'."""
-    from orchestrator.stages.recognize_vllm import encode_task_crop
+    from orchestrator.stages.crop import encode_task_crop
 
     bgr = load_bgr(corpus_dir / "pages" / "linn.png")
     height, width = bgr.shape[:2]

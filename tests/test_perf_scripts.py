@@ -101,10 +101,25 @@ def test_bench_layout_gpu_times_every_part_on_the_cpu(tmp_path: Path) -> None:
     assert eager["stage_pages_s"] > 0 and eager["model_pages_s"] > 0
 
 
+# folio's dependencies that the lent GPU machines lack (Python 3.12, torch, torchvision,
+# numpy 2, transformers, onnx, onnxruntime, OpenCV and what those bring; nothing else can
+# be installed there): perf/gpu must run without them.
+ABSENT_ON_GPU_MACHINES = ("httpx", "tenacity", "prometheus_client", "pytriton", "tritonclient",
+                          "nvidia.dali", "rapidocr", "openvino", "pyarrow", "pypdfium2", "ray",
+                          "s3fs", "moto", "rapidfuzz")
+
+
 def test_gpu_run_prepares_its_inputs_and_dry_runs_on_the_cpu(tmp_path: Path) -> None:
     """perf/gpu/prepare.py writes the pages and models; perf/gpu/h200.sh runs every
-    section on the CPU with tiny sizes (the GPU run itself happens once, elsewhere)."""
+    section on the CPU with tiny sizes (the GPU run itself happens once, elsewhere), with
+    the packages the GPU machines lack made unimportable (``None`` in ``sys.modules``, as
+    Python reads a module that is not there, ``importlib.util.find_spec`` included)."""
     gpu, out = tmp_path / "gpu", tmp_path / "out"
+    absent = tmp_path / "absent"
+    absent.mkdir()
+    (absent / "sitecustomize.py").write_text(
+        "import sys\n"
+        f"sys.modules.update(dict.fromkeys({ABSENT_ON_GPU_MACHINES!r}))\n")
     text = _run("gpu/prepare.py", "--out", str(gpu), "--count", "3")
     assert re.search(r"^3 pages in .*MB each on average", text, re.M), text
     pages = sorted((gpu / "pages").iterdir())
@@ -112,7 +127,8 @@ def test_gpu_run_prepares_its_inputs_and_dry_runs_on_the_cpu(tmp_path: Path) -> 
     assert (gpu / "models" / "manifest.json").is_file()
     env = {**os.environ, "FOLIO_SHARED": str(CORPUS.parent), "DEVICE": "cpu", "OUT": str(out),
            "GPU_DIR": str(gpu), "BATCH": "2", "COUNT": "2", "REPEATS": "1",
-           "BATCH_SIZES": "1", "DOCLAYOUT_BATCH_SIZES": "", "PYTHON": sys.executable}
+           "BATCH_SIZES": "1", "DOCLAYOUT_BATCH_SIZES": "", "PYTHON": sys.executable,
+           "PYTHONPATH": str(absent)}
     done = subprocess.run(["bash", str(PERF / "gpu" / "h200.sh")], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -123,6 +139,7 @@ def test_gpu_run_prepares_its_inputs_and_dry_runs_on_the_cpu(tmp_path: Path) -> 
     assert len(re.findall(r"3 of 3 pages agree box for box", agree)) == 2, agree
     for name in ("bench", "agree", "memory", "crop"):
         assert json.loads((out / f"{name}.json").read_text()), name
+    assert "no DALI" in (out / "env.txt").read_text()  # the guard was in force
 
 
 @pytest.mark.slow

@@ -23,14 +23,13 @@ import numpy as np
 import pytest
 
 from orchestrator.config import VLLMConfig
+from orchestrator.stages.crop import EncodedCrop, encode_crop
 from orchestrator.stages.profiles import GLM_OCR, QWEN2_VL_TINY, ModelProfile
 from orchestrator.stages.recognize import Recognizer
 from orchestrator.stages.recognize_vllm import (
     UNREACHABLE_PREFIX,
-    EncodedCrop,
     VLLMRecognizer,
     build_request,
-    encode_crop,
     request_bytes,
 )
 from orchestrator.types import PageRef, Region, RegionTask, Task

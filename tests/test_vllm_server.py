@@ -31,8 +31,9 @@ import pytest
 from PIL import Image
 
 from orchestrator.config import VLLMConfig
+from orchestrator.stages.crop import EncodedCrop, encode_crop
 from orchestrator.stages.profiles import GLM_OCR, QWEN2_VL_TINY
-from orchestrator.stages.recognize_vllm import CHAT_PATH, EncodedCrop, VLLMRecognizer, encode_crop
+from orchestrator.stages.recognize_vllm import CHAT_PATH, VLLMRecognizer
 from orchestrator.types import PageRef, Region, RegionTask, Task
 
 REPO = Path(__file__).resolve().parents[1]

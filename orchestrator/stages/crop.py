@@ -1,15 +1,21 @@
 """Crop: cut what the recogniser reads out of the full-resolution page: each region's text
-lines (rapidocr), or each region (a VLM)."""
+lines (rapidocr), or each region (a VLM), and fit and encode a region's crop for a
+recogniser that reads images (``encode_crop``, ``encode_task_crop``)."""
 
 from __future__ import annotations
 
+import base64
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
 from orchestrator.config import CropConfig
+from orchestrator.errors import RecognitionError
 from orchestrator.stages.coverage import line_rows
+from orchestrator.stages.profiles import ModelProfile
 from orchestrator.stages.textlines import line_image
 from orchestrator.types import DecodedPage, LayoutResult, LineCrop, Region, RegionTask, UInt8Array
 
@@ -96,3 +102,83 @@ def region_tasks(page: DecodedPage, layout: LayoutResult, cfg: CropConfig,
         if crop is not None:
             tasks.append(RegionTask(ref=page.ref, region=region, image=crop, lines=lines))
     return tasks
+
+
+# --- crop encoding, for a recogniser that reads region images (vLLM) -------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedCrop:
+    """A crop as sent: its data URL and the size of the image inside it."""
+
+    data_url: str
+    width: int
+    height: int
+    image_tokens: int  # what the model spends on it (after the server's rounding)
+    resized: bool
+    padded: bool
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data_url)
+
+
+def encode_crop(image: UInt8Array, profile: ModelProfile) -> EncodedCrop:
+    """Pad/resize only when needed, encode once, base64 once.
+
+    ``image`` is an HWC uint8 BGR crop (grey HW and BGRA are accepted too). Padding is
+    white; resizing uses area interpolation to exactly the size the server would pick.
+    """
+    if image.ndim == 3 and image.shape[2] == 4:
+        image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+    height, width = int(image.shape[0]), int(image.shape[1])
+    if height <= 0 or width <= 0:
+        raise ValueError(f"empty crop ({width}x{height})")
+    budget = profile.budget
+    padded = False
+    ph, pw = budget.pad_dims(height, width)
+    if (ph, pw) != (height, width):
+        image = cv2.copyMakeBorder(
+            image, 0, ph - height, 0, pw - width, cv2.BORDER_CONSTANT, value=(255, 255, 255)
+        )
+        height, width, padded = ph, pw, True
+    resized = False
+    target = budget.fit(height, width)
+    if target is not None:
+        th, tw = target
+        image = cv2.resize(image, (tw, th), interpolation=cv2.INTER_AREA)
+        height, width, resized = th, tw, True
+    if profile.image_format == "png":
+        ok, buf = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+        mime = "image/png"
+    else:
+        ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, profile.jpeg_quality])
+        mime = "image/jpeg"
+    if not ok:
+        raise ValueError(f"could not encode a {width}x{height} crop as {profile.image_format}")
+    data_url = f"data:{mime};base64," + base64.b64encode(buf.data).decode("ascii")
+    return EncodedCrop(
+        data_url=data_url,
+        width=width,
+        height=height,
+        image_tokens=budget.image_tokens(height, width),
+        resized=resized,
+        padded=padded,
+    )
+
+
+Encoder = Callable[[UInt8Array, ModelProfile], EncodedCrop]
+
+
+def encode_task_crop(task: RegionTask, profile: ModelProfile, encoder: Encoder = encode_crop
+                     ) -> EncodedCrop:
+    """A task's crop fitted and encoded for ``profile``: on the layout device where the crop
+    is there (``device_image``, ``orchestrator.stages.crop_gpu``), else the host crop by
+    ``encoder``."""
+    if task.device_image is not None:
+        from orchestrator.stages.crop_gpu import encode_crops, to_encoded_crop  # torch
+
+        return to_encoded_crop(encode_crops([task.device_image], profile)[0])
+    if task.image is None:
+        raise RecognitionError("a region reached the vLLM recogniser without its crop")
+    return encoder(task.image, profile)

@@ -1,6 +1,6 @@
 """Region crops cut, fitted and encoded on the device the page is on (vLLM recognition).
 
-The device twin of ``crop.region_tasks`` + ``recognize_vllm.encode_crop`` for a page that
+The device twin of ``crop.region_tasks`` + ``crop.encode_crop`` for a page that
 the GPU-resident layout stage kept on the device ((3, H, W) uint8 RGB): each recognised
 region is sliced with the crop stage's bounds (``crop.crop_bounds``: margin, clipping,
 minimum side), padded white and shrunk to the profile's pixel budget exactly as
@@ -13,7 +13,7 @@ the host by ``crop.crop_region`` after only its bounding crop is copied there.
 Usage::
 
     crops = region_crops(page_tensor, layout, cfg.crop, profile)   # [(Region, CropImage)]
-    encoded = to_encoded_crop(crops[0][1])                         # recognize_vllm's type
+    encoded = to_encoded_crop(crops[0][1])                         # crop.EncodedCrop
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -32,12 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from orchestrator.config import CropConfig
-from orchestrator.stages.crop import crop_bounds, crop_region
+from orchestrator.stages.crop import EncodedCrop, crop_bounds, crop_region
 from orchestrator.stages.profiles import ModelProfile
 from orchestrator.types import LayoutResult, Region
-
-if TYPE_CHECKING:
-    from orchestrator.stages.recognize_vllm import EncodedCrop
 
 __all__ = ["CropImage", "device_crop", "encode_crops", "fit_crop", "region_crops",
            "to_encoded_crop"]
@@ -201,9 +197,7 @@ def region_crops(
 
 
 def to_encoded_crop(crop: CropImage) -> EncodedCrop:
-    """The ``recognize_vllm.EncodedCrop`` the vLLM client sends for this crop."""
-    from orchestrator.stages.recognize_vllm import EncodedCrop
-
+    """The ``crop.EncodedCrop`` the vLLM client sends for this crop."""
     return EncodedCrop(
         data_url=f"data:{crop.mime};base64," + base64.b64encode(crop.data).decode("ascii"),
         width=crop.width,

@@ -1,6 +1,6 @@
 """Crop + encode of the recognised regions for the vLLM recogniser: on the device the page
 is on (``orchestrator.stages.crop_gpu``) against the host path (``crop.region_tasks`` +
-``recognize_vllm.encode_crop`` on the page in host memory), on the same pages and regions.
+``crop.encode_crop`` on the page in host memory), on the same pages and regions.
 
 The regions come from the GPU-resident layout stage, which keeps the decoded pages on the
 device. Prints regions/s and ms/page of both and their ratio; ``--json FILE`` writes them.
@@ -71,7 +71,7 @@ def main() -> int:
         return count
 
     def on_host() -> int:
-        from orchestrator.stages.recognize_vllm import encode_crop
+        from orchestrator.stages.crop import encode_crop
 
         count = 0
         for bgr, (_, layout) in zip(host_pages, found, strict=True):
