@@ -53,6 +53,7 @@ def _config_from_args(args: argparse.Namespace) -> FolioConfig:
             "triton.url": args.triton_url,
             "recognize.engine": args.recognizer,
             "recognize.workers": args.workers,
+            "lines.workers": args.lines_workers,
             "vllm.url": args.vllm_url,
             "vllm.model": args.vllm_model,
             "sink.batch_rows": args.sink_batch_rows,
@@ -86,6 +87,8 @@ def _add_run(sub: Any) -> None:
     p.add_argument("--triton-url", help="Triton gRPC address HOST:PORT")
     p.add_argument("--recognizer", choices=["rapidocr", "vllm"], help="recognition engine")
     p.add_argument("--workers", type=int, help="recognition worker threads")
+    p.add_argument("--lines-workers", type=int,
+                   help="pages whose text lines are detected at once (default 1)")
     p.add_argument("--vllm-url", help="vLLM server base URL")
     p.add_argument("--vllm-model", help="model name served by vLLM")
     p.add_argument("--sink-batch-rows", type=int, help="rows per SQLite transaction")

@@ -79,3 +79,29 @@ def test_the_turned_reading_is_skipped_when_the_page_reads_well_as_it_stands(
     reads.clear()
     assert _verdict(detector, rotate_clockwise(upright, 180)) == 180
     assert reads == [3, 3]  # read poorly as they stand: read turned too
+
+
+def test_lines_of_a_batch_detected_at_once_are_those_found_one_by_one(corpus_dir: Path
+                                                                      ) -> None:
+    """``lines.workers``: the pages of a decode batch are detected (and turned) in threads
+    of their own; each page gets the lines, rotation and pixels it gets alone, in order."""
+    upright = cv2.imread(str(corpus_dir / "pages" / "typewriter.png"))
+    small = cv2.imread(str(corpus_dir / "pages" / "baiona.png"))
+    pages = [EncodedPage(ref=PageRef(f"p{i}", 1), pixels=image) for i, image in enumerate(
+        [rotate_clockwise(upright, 90), small, upright, rotate_clockwise(small, 180)])]
+    cfg = DecodeConfig(device="cpu", batch_size=4)
+    one = Decoder(cfg, SourceConfig(), LinesConfig())
+    many = Decoder(cfg, SourceConfig(), LinesConfig(workers=3))
+    try:
+        alone = one.decode(pages)
+        together = many.decode(pages)
+        assert many._line_pool is not None and len(many._line_pool._threads) == 3
+    finally:
+        many.close()
+    assert [p.ref for p in together] == [p.ref for p in pages]
+    assert [getattr(p, "rotation", None) for p in together] == [270, 0, 0, 180]
+    for a, b in zip(alone, together, strict=True):
+        assert not isinstance(a, Exception) and not isinstance(b, Exception)
+        assert a.lines is not None and b.lines is not None and len(b.lines) > 10
+        assert np.array_equal(a.lines.quads, b.lines.quads)
+        assert np.array_equal(a.image, b.image)

@@ -72,10 +72,16 @@ def test_bench_accuracy_scores_folio_and_the_whole_page_baseline() -> None:
     assert len(_ratios(out)) == 1, out
 
 
-def test_bench_lines_compares_the_normalisations_on_the_same_lines(corpus_dir: Path) -> None:
-    out = _run("bench_lines.py", "--rounds", "1", str(corpus_dir / "pages" / "typewriter.png"))
-    assert "pages whose lines differ: 0 of 1" in out, out
-    assert len(_ratios(out)) == 1, out
+def test_bench_lines_compares_normalisations_and_workers_on_the_same_lines(
+    corpus_dir: Path
+) -> None:
+    out = _run("bench_lines.py", "--rounds", "1", "--workers", "2",
+               str(corpus_dir / "pages" / "typewriter.png"))
+    assert out.count("pages whose lines differ: 0 of 1") == 2, out
+    for workers in (1, 2):
+        assert re.search(rf"^decode stage, lines.workers={workers}: +[\d.]+ pages/s", out,
+                         re.M), out
+    assert len(_ratios(out)) == 2, out
 
 
 def test_bench_orient_compares_the_probes_on_the_same_verdicts(corpus_dir: Path) -> None:

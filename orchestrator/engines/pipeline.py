@@ -298,6 +298,7 @@ class Pipeline:
     def close(self) -> None:
         self.layout.close()
         self.recognizer.close()
+        self.decoder.close()
 
     def queue_depths(self) -> dict[str, int]:
         """Items waiting in each queue between stages now (zeros outside a run)."""

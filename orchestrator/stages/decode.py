@@ -9,6 +9,7 @@ page's text lines are detected once and the page is turned upright.
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import re
 import time
@@ -90,7 +91,8 @@ class Decoder:
     tell whether the page is turned (``orchestrator.stages.orient``). A turned page is turned
     upright and its lines detected again there, so every page's lines come from one
     detection on the upright page. Line detection runs when ``lines`` is given or
-    orientation is on (``decode.orient``), with ``LinesConfig()`` defaults in the latter case.
+    orientation is on (``decode.orient``), with ``LinesConfig()`` defaults in the latter case;
+    ``lines.workers`` pages of a batch at once.
     """
 
     def __init__(self, decode: DecodeConfig, sources: SourceConfig,
@@ -106,6 +108,10 @@ class Decoder:
         if lines is None and decode.orient:
             lines = LinesConfig()
         self._lines = LineDetector(lines) if lines is not None else None
+        workers = 1 if lines is None else min(lines.workers, decode.batch_size)
+        # The detectors and orientation probes keep one engine per thread: safe to share.
+        self._line_pool = (concurrent.futures.ThreadPoolExecutor(
+            workers, thread_name_prefix="folio-lines") if workers > 1 else None)
 
     @property
     def batch_size(self) -> int:
@@ -138,8 +144,16 @@ class Decoder:
             per_page = (time.perf_counter() - start) / len(indices)
             for i, out in zip(indices, outputs, strict=True):
                 results[i] = self._to_page(pages[i], out, per_page)
-        return [self._upright(r) if isinstance(r, DecodedPage) else r
-                for r in results if r is not None]
+        done = [r for r in results if r is not None]
+        if self._line_pool is None:
+            return [self._upright(r) if isinstance(r, DecodedPage) else r for r in done]
+        return list(self._line_pool.map(
+            lambda r: self._upright(r) if isinstance(r, DecodedPage) else r, done))
+
+    def close(self) -> None:
+        """Stop the line-detection threads (a decoder with ``lines.workers`` > 1)."""
+        if self._line_pool is not None:
+            self._line_pool.shutdown(wait=True)
 
     def _upright(self, page: DecodedPage) -> DecodedPage:
         """Detect the page's text lines; turn a sideways or upside-down page upright with
