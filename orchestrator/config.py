@@ -122,6 +122,10 @@ class LinesConfig:
     # onnxruntime on this model).
     precision: str = "auto"
     threads: int = 1
+    # The detector's forward pass: "openvino" (the CPU), "torch" (the decode device: a GPU,
+    # or the CPU), "auto" (torch where pages are decoded on a GPU, else openvino). With
+    # torch, precision auto is bf16 on a GPU and fp32 on the CPU.
+    engine: str = "auto"
     # Pages of a decode batch whose lines are detected at once, each in a thread of its own
     # (one OpenVINO request per thread): the decode stage's one thread otherwise caps a
     # run at one page per detection time (about 0.4 s), whatever the machine. Up to
@@ -435,6 +439,8 @@ def validate(cfg: FolioConfig) -> None:
         (cfg.lines.precision in ("fp32", "bf16", "auto"), "lines.precision must be fp32|bf16|auto"),
         (cfg.lines.threads >= 1, "lines.threads must be >= 1"),
         (cfg.lines.workers >= 1, "lines.workers must be >= 1"),
+        (cfg.lines.engine in ("openvino", "torch", "auto"),
+         "lines.engine must be openvino|torch|auto"),
         (0.0 < cfg.lines.pixel_threshold < 1.0, "lines.pixel_threshold must be in (0, 1)"),
         (0.0 <= cfg.lines.box_threshold < 1.0, "lines.box_threshold must be in [0, 1)"),
         (cfg.lines.unclip_ratio > 0, "lines.unclip_ratio must be > 0"),

@@ -194,7 +194,8 @@ def test_run_flags_reach_the_run(tmp_path: Path, corpus_dir: Path, model_dir: Pa
     db = tmp_path / "flags.db"
     proc = folio("run", pdf, "--db", db, "--dpi", "100", "--device", "cpu",
                  "--precision", "bf16", "--batch-size", "1", "--max-pixels", "50000000",
-                 "--model-dir", model_dir, "--no-progress", "--json", timeout=600)
+                 "--lines-workers", "2", "--model-dir", model_dir, "--no-progress", "--json",
+                 timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     with sqlite3.connect(db) as conn:
         config, manifest = (json.loads(v) for v in conn.execute(
@@ -203,6 +204,8 @@ def test_run_flags_reach_the_run(tmp_path: Path, corpus_dir: Path, model_dir: Pa
     assert config["sources"]["dpi"] == 100 and config["sources"]["max_pixels"] == 50_000_000
     assert config["decode"]["device"] == "cpu" and manifest["decode_device"] == "cpu"
     assert config["layout"]["precision"] == "bf16" and config["layout"]["batch_size"] == 1
+    assert config["lines"]["workers"] == 2
+    assert manifest["lines"]["engine"] == "openvino" and manifest["lines"]["device"] == "cpu"
     assert size == (math.ceil(width_pt * 100 / 72), math.ceil(height_pt * 100 / 72))
 
     small = size[0] * size[1] - 1  # one pixel under the page: the page is refused

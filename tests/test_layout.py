@@ -238,6 +238,65 @@ def test_interpreter_matches_onnxruntime_on_a_small_graph(fuse: bool) -> None:
             np.testing.assert_allclose(mine[i : i + 1], ref, atol=1e-5, rtol=1e-5)
 
 
+def _detector_ops_graph() -> onnx.ModelProto:
+    """The ops the text-line detector adds, at its opset 11: SAME_UPPER Conv and MaxPool
+    (odd sizes, so the extra pixel's side matters), ConvTranspose, ReduceMean, Erf,
+    Identity, and Split with its sizes as an attribute."""
+    rng = np.random.default_rng(2)
+    h = onnx.helper
+    f32 = np.float32
+
+    def init(name: str, value: np.ndarray) -> onnx.TensorProto:
+        return onnx.numpy_helper.from_array(value, name)
+
+    nodes = [
+        h.make_node("Conv", ["x", "w1"], ["c1"], kernel_shape=[2, 2], auto_pad="SAME_UPPER"),
+        h.make_node("MaxPool", ["c1"], ["mp"], kernel_shape=[2, 2], strides=[1, 1],
+                    auto_pad="SAME_UPPER"),
+        h.make_node("ReduceMean", ["mp"], ["rm"], axes=[2, 3], keepdims=1),
+        h.make_node("Erf", ["rm"], ["erf"]),
+        h.make_node("Mul", ["mp", "erf"], ["gated"]),
+        h.make_node("Identity", ["gated"], ["idn"]),
+        h.make_node("ConvTranspose", ["idn", "wt"], ["up"], kernel_shape=[2, 2],
+                    strides=[2, 2], pads=[0, 0, 0, 0]),
+        h.make_node("Split", ["up"], ["y0", "y1"], axis=1, split=[1, 3]),
+    ]
+    graph = h.make_graph(
+        nodes, "detector_ops",
+        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 3, None, None])],
+        [h.make_tensor_value_info("y0", onnx.TensorProto.FLOAT, [None, 1, None, None]),
+         h.make_tensor_value_info("y1", onnx.TensorProto.FLOAT, [None, 3, None, None])],
+        [init("w1", rng.normal(0, 0.3, (6, 3, 2, 2)).astype(f32)),
+         init("wt", rng.normal(0, 0.3, (6, 4, 2, 2)).astype(f32))],
+    )
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 11)])
+
+
+def test_interpreter_runs_the_detector_ops_like_onnxruntime() -> None:
+    import torch
+
+    model = _detector_ops_graph()
+    onnx.checker.check_model(model)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    module = OnnxGraphModule(model).eval()
+    for shape in ((1, 3, 15, 17), (2, 3, 8, 6)):
+        x = np.random.default_rng(3).normal(size=shape).astype(np.float32)
+        with torch.inference_mode():
+            mine = [o.numpy() for o in module(torch.from_numpy(x))]
+        reference = session.run(None, {"x": x})
+        for got, ref in zip(mine, reference, strict=True):
+            assert got.shape == ref.shape
+            np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_interpreter_refuses_same_padding_it_cannot_fix_statically() -> None:
+    model = _detector_ops_graph()
+    conv = model.graph.node[0]
+    conv.attribute.append(onnx.helper.make_attribute("strides", [2, 2]))
+    with pytest.raises(UnsupportedOnnxGraph, match="stride 1 only"):
+        OnnxGraphModule(model)
+
+
 # --- FP32 TorchScript against onnxruntime ---------------------------------------------------
 
 

@@ -292,6 +292,7 @@ class Pipeline:
             "recognizer": {"name": self.recognizer.name,
                            "model": getattr(self.recognizer, "model", None)},
             "decode_device": self.decoder.device,
+            "lines": self.decoder.lines_engine,
             "packages": packages,
         }
 

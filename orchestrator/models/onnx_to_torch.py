@@ -6,9 +6,11 @@ buffers, so ``module.to(torch.bfloat16)`` casts them; constants that only shape 
 computation (a Reshape target, Split sizes, Resize scales, Clip bounds) become plain
 Python values that the trace records as constants.
 
-It covers exactly the op set of the layout models folio ships (PP-PicoDet exported by
-paddle2onnx, opset 13), and refuses any other op by name, so a new model fails at build
-time, never at serving time. It deliberately avoids onnx2torch, which imports
+It covers exactly the op sets of the models folio runs through it: the layout models it
+ships (PP-PicoDet exported by paddle2onnx, opset 13) and rapidocr's DB text-line detector
+(PP-OCRv6 small, opset 11: its forward pass on a GPU, ``orchestrator.stages.textlines``),
+and refuses any other op by name, so a new model fails at build time, never at serving
+time. It deliberately avoids onnx2torch, which imports
 torchvision (not installable beside the CPU torch folio pins).
 
 Usage::
@@ -54,14 +56,17 @@ class UnsupportedOnnxGraph(ValueError):
     """The ONNX graph uses an op, attribute or dynamic input this interpreter does not cover."""
 
 
-# Split, Clip and Resize took attributes (or other inputs) before opset 13.
-MIN_OPSET = 13
+# Clip and Resize took attributes (or other inputs) before opset 11; Split's sizes are an
+# attribute before 13 and an input from 13 on (both read).
+MIN_OPSET = 11
+SPLIT_SIZES_INPUT_OPSET = 13
 # Inputs that must be compile-time constants, by op: they become Python values.
 _STATIC_INPUTS: dict[str, frozenset[int]] = {
     "Reshape": frozenset({1}),
     "Split": frozenset({1}),
     "Resize": frozenset({1, 2, 3}),
     "Clip": frozenset({1, 2}),
+    "ReduceMean": frozenset({1}),  # axes: an input from opset 18
 }
 
 
@@ -116,7 +121,7 @@ class OnnxGraphModule(nn.Module):
         if opset is None or opset < MIN_OPSET:
             raise UnsupportedOnnxGraph(
                 f"ONNX opset {opset} is not supported (needs >= {MIN_OPSET}: the input "
-                "layout of Split, Clip and Resize changed before it)"
+                "layout of Clip and Resize changed before it)"
             )
         constants: dict[str, np.ndarray] = {
             init.name: numpy_helper.to_array(init) for init in graph.initializer
@@ -316,7 +321,9 @@ def _prepare(step: _Step, fixed_batch: int | None) -> None:
             shape[0] = 0  # copy the batch dimension from the input: dynamic batch
         a["shape"] = shape
     elif step.op == "Split":
-        sizes = a.pop("_in1")
+        sizes = a.pop("_in1", None)
+        if sizes is None:
+            sizes = a.pop("split", None)  # before opset 13: an attribute
         if sizes is None:
             raise UnsupportedOnnxGraph("Split without explicit sizes is not supported")
         a["sizes"] = [int(s) for s in sizes]
@@ -346,23 +353,46 @@ def _prepare(step: _Step, fixed_batch: int | None) -> None:
         else:
             raise UnsupportedOnnxGraph("Resize needs constant scales or sizes")
     elif step.op == "Conv":
-        if a.get("auto_pad", "NOTSET") != "NOTSET":
-            raise UnsupportedOnnxGraph("Conv auto_pad is not supported")
         if len(a.get("kernel_shape", [0, 0])) != 2:
             raise UnsupportedOnnxGraph("only 2-D Conv is supported")
-        pads = [int(p) for p in a.get("pads", [0, 0, 0, 0])]
-        half = len(pads) // 2
-        a["stride"] = [int(s) for s in a.get("strides", [1] * half)]
-        a["dilation"] = [int(d) for d in a.get("dilations", [1] * half)]
+        a["stride"] = [int(s) for s in a.get("strides", [1, 1])]
+        a["dilation"] = [int(d) for d in a.get("dilations", [1, 1])]
         a["groups"] = int(a.get("group", 1))
-        if pads[:half] == pads[half:]:
-            a["padding"], a["pre_pad"] = pads[:half], None
+        pads = _pads(step)
+        if pads[:2] == pads[2:]:
+            a["padding"], a["pre_pad"] = pads[:2], None
         else:
-            # F.pad takes (last dim begin, last dim end, ...) pairs.
-            pre: list[int] = []
-            for i in reversed(range(half)):
-                pre += [pads[i], pads[i + half]]
-            a["padding"], a["pre_pad"] = [0] * half, pre
+            a["padding"], a["pre_pad"] = [0, 0], _pad_pairs(pads)
+    elif step.op == "ConvTranspose":
+        if len(a.get("kernel_shape", [0, 0])) != 2:
+            raise UnsupportedOnnxGraph("only 2-D ConvTranspose is supported")
+        if a.get("auto_pad", "NOTSET") != "NOTSET" or "output_shape" in a:
+            raise UnsupportedOnnxGraph("ConvTranspose auto_pad and output_shape are not "
+                                       "supported")
+        pads = [int(p) for p in a.get("pads", [0, 0, 0, 0])]
+        if pads[:2] != pads[2:]:
+            raise UnsupportedOnnxGraph("ConvTranspose with uneven pads is not supported")
+        a["padding"] = pads[:2]
+        a["stride"] = [int(s) for s in a.get("strides", [1, 1])]
+        a["dilation"] = [int(d) for d in a.get("dilations", [1, 1])]
+        a["output_padding"] = [int(p) for p in a.get("output_padding", [0, 0])]
+        a["groups"] = int(a.get("group", 1))
+    elif step.op == "MaxPool":
+        if len(a["kernel_shape"]) != 2 or a.get("storage_order", 0) or len(step.outputs) > 1:
+            raise UnsupportedOnnxGraph("only 2-D MaxPool without indices is supported")
+        a["kernel"] = [int(k) for k in a["kernel_shape"]]
+        a["stride"] = [int(s) for s in a.get("strides", [1, 1])]
+        a["dilation"] = [int(d) for d in a.get("dilations", [1, 1])]
+        a["ceil_mode"] = bool(a.get("ceil_mode", 0))
+        pads = _pads(step)
+        a["pre_pad"] = _pad_pairs(pads) if any(pads) else None
+    elif step.op == "ReduceMean":
+        axes = a.pop("_in1", None)
+        axes = a.get("axes") if axes is None else axes
+        if axes is None:
+            raise UnsupportedOnnxGraph("ReduceMean over every axis is not supported")
+        a["axes"] = [int(x) for x in axes]
+        a["keepdims"] = bool(a.get("keepdims", 1))
     elif step.op == "BatchNormalization":
         a["epsilon"] = float(a.get("epsilon", 1e-5))
         if a.get("training_mode", 0):
@@ -376,6 +406,30 @@ def _prepare(step: _Step, fixed_batch: int | None) -> None:
         a["axis"] = int(a["axis"])
 
 
+def _pads(step: _Step) -> list[int]:
+    """A 2-D Conv's or pool's ONNX pads (begin, begin, end, end), ``auto_pad`` resolved:
+    SAME_* is static only at stride 1 (total (kernel - 1) x dilation per axis; the odd pixel
+    at the end for SAME_UPPER, at the start for SAME_LOWER)."""
+    a = step.attrs
+    auto = a.get("auto_pad", "NOTSET")
+    if auto in ("NOTSET", "VALID"):
+        return [0, 0, 0, 0] if auto == "VALID" else [int(p) for p in a.get("pads", [0] * 4)]
+    if auto not in ("SAME_UPPER", "SAME_LOWER") or any(int(s) != 1 for s in
+                                                       a.get("strides", [1, 1])):
+        raise UnsupportedOnnxGraph(f"{step.op} auto_pad={auto} is supported at stride 1 only")
+    totals = [(int(k) - 1) * int(d) for k, d in
+              zip(a["kernel_shape"], a.get("dilations", [1, 1]), strict=True)]
+    small = [t // 2 for t in totals]
+    large = [t - s for t, s in zip(totals, small, strict=True)]
+    return small + large if auto == "SAME_UPPER" else large + small
+
+
+def _pad_pairs(pads: list[int]) -> list[int]:
+    """ONNX 2-D pads (begin h, begin w, end h, end w) as F.pad's (w begin, w end, h begin,
+    h end)."""
+    return [pads[1], pads[3], pads[0], pads[2]]
+
+
 _Op = Callable[[list[torch.Tensor], dict[str, Any]], "torch.Tensor | Sequence[torch.Tensor]"]
 
 
@@ -383,6 +437,17 @@ def _conv(x: list[torch.Tensor], a: dict[str, Any]) -> torch.Tensor:
     inp = x[0] if a["pre_pad"] is None else F.pad(x[0], a["pre_pad"])
     bias = x[2] if len(x) > 2 and x[2] is not None else None
     return F.conv2d(inp, x[1], bias, a["stride"], a["padding"], a["dilation"], a["groups"])
+
+
+def _conv_transpose(x: list[torch.Tensor], a: dict[str, Any]) -> torch.Tensor:
+    bias = x[2] if len(x) > 2 else None
+    return F.conv_transpose2d(x[0], x[1], bias, a["stride"], a["padding"], a["output_padding"],
+                              a["groups"], a["dilation"])
+
+
+def _max_pool(x: list[torch.Tensor], a: dict[str, Any]) -> torch.Tensor:
+    inp = x[0] if a["pre_pad"] is None else F.pad(x[0], a["pre_pad"], value=float("-inf"))
+    return F.max_pool2d(inp, a["kernel"], a["stride"], 0, a["dilation"], a["ceil_mode"])
 
 
 def _batch_norm(x: list[torch.Tensor], a: dict[str, Any]) -> torch.Tensor:
@@ -433,6 +498,11 @@ SUPPORTED_OPS: dict[str, _Op] = {
     "Transpose": lambda x, a: x[0].permute(a["perm"]),
     "Resize": _resize,
     "HardSwish": lambda x, a: F.hardswish(x[0]),
+    "ConvTranspose": _conv_transpose,
+    "MaxPool": _max_pool,
+    "ReduceMean": lambda x, a: x[0].mean(dim=a["axes"], keepdim=a["keepdims"]),
+    "Erf": lambda x, a: torch.erf(x[0]),
+    "Identity": lambda x, a: x[0],
 }
 _OPS = SUPPORTED_OPS
 

@@ -107,7 +107,8 @@ class Decoder:
         self._orientation = OrientationDetector(decode) if decode.orient else None
         if lines is None and decode.orient:
             lines = LinesConfig()
-        self._lines = LineDetector(lines) if lines is not None else None
+        self._lines = (None if lines is None else LineDetector(
+            lines, f"cuda:{decode.device_id}" if self.device == "gpu" else "cpu"))
         workers = 1 if lines is None else min(lines.workers, decode.batch_size)
         # The detectors and orientation probes keep one engine per thread: safe to share.
         self._line_pool = (concurrent.futures.ThreadPoolExecutor(
@@ -116,6 +117,13 @@ class Decoder:
     @property
     def batch_size(self) -> int:
         return self._cfg.batch_size
+
+    @property
+    def lines_engine(self) -> dict[str, str] | None:
+        """Where and how text lines are detected (for the run's manifest); None: not here."""
+        lines = self._lines
+        return None if lines is None else {"engine": lines.engine, "precision": lines.precision,
+                                           "device": lines.device}
 
     def decode(self, pages: Sequence[EncodedPage]) -> list[DecodedPage | PageError]:
         """Decode up to ``batch_size`` pages (none of them carrying a source error)."""
