@@ -3,6 +3,10 @@ float32) vs the same detector with rapidocr's stock pre-processing (float64 mean
 so the page is normalised in float64 and copied back), on the same pages, alternating, in
 one run. Both must find the same lines.
 
+Then what the host still spends per page when the forward pass runs on a GPU
+(``lines.engine = "torch"``: rapidocr's resize, the upload, DB post-processing on the map
+that comes back) against the whole detection on the CPU, on the same pages.
+
 Then the decode stage as a run drives it (decode, lines, orientation, batches of
 ``decode.batch_size``) with ``lines.workers`` = ``--workers`` against 1, wall-clock pages/s
 on the same pages, alternating; both must give every page the same lines.
@@ -67,7 +71,39 @@ def main() -> None:
     base, now = cpu["float64 (rapidocr's)"], cpu["float32 (folio)"]
     print(f"pages whose lines differ: {differ} of {pages}")
     print(f"float64 / float32: {base / now:.2f}x")
+    host_share(folio, images, args.rounds)
     decode_stage(encoded_pages, args.rounds, args.workers)
+
+
+def host_share(detector: LineDetector, images: list[np.ndarray], rounds: int) -> None:
+    """Host CPU per page: the whole detection (OpenVINO) vs the torch engine's host part
+    (resize; DB post-processing of the map, here the OpenVINO map, which the torch
+    engine's equals: tests/test_textlines.py)."""
+    det = detector._detector()
+    cpu = {"whole": 0.0, "resize": 0.0, "post": 0.0}
+    for _ in range(rounds):
+        for image in images:
+            start = time.thread_time()
+            detector.detect(image)
+            cpu["whole"] += time.thread_time() - start
+            pre = det.get_preprocess()
+            start = time.thread_time()
+            resized = np.ascontiguousarray(pre.resize(image)[None])
+            cpu["resize"] += time.thread_time() - start
+            prob = det.session(pre(image))
+            start = time.thread_time()
+            boxes, _ = det.postprocess_op(prob, image.shape[:2])
+            det.sorted_boxes(boxes)
+            cpu["post"] += time.thread_time() - start
+            del resized
+    pages = len(images) * rounds
+    whole, host = cpu["whole"], cpu["resize"] + cpu["post"]
+    print(f"host CPU/page, forward on the CPU ({detector.precision} OpenVINO): "
+          f"{1000 * whole / pages:7.1f} ms")
+    print(f"host CPU/page, forward on a GPU (lines.engine torch): {1000 * host / pages:7.1f} ms "
+          f"(resize {1000 * cpu['resize'] / pages:.1f}, DB post-processing "
+          f"{1000 * cpu['post'] / pages:.1f})")
+    print(f"pages per host core, forward on a GPU / on the CPU: {whole / host:.2f}x")
 
 
 def decode_stage(pages: list[EncodedPage], rounds: int, workers: int) -> None:

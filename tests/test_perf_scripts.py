@@ -81,7 +81,9 @@ def test_bench_lines_compares_normalisations_and_workers_on_the_same_lines(
     for workers in (1, 2):
         assert re.search(rf"^decode stage, lines.workers={workers}: +[\d.]+ pages/s", out,
                          re.M), out
-    assert len(_ratios(out)) == 2, out
+    assert re.search(r"^host CPU/page, forward on a GPU \(lines.engine torch\): +[\d.]+ ms",
+                     out, re.M), out
+    assert len(_ratios(out)) == 3, out
 
 
 def test_bench_orient_compares_the_probes_on_the_same_verdicts(corpus_dir: Path) -> None:
@@ -126,24 +128,33 @@ def test_gpu_run_prepares_its_inputs_and_dry_runs_on_the_cpu(tmp_path: Path) -> 
     (absent / "sitecustomize.py").write_text(
         "import sys\n"
         f"sys.modules.update(dict.fromkeys({ABSENT_ON_GPU_MACHINES!r}))\n")
-    text = _run("gpu/prepare.py", "--out", str(gpu), "--count", "3")
+    text = _run("gpu/prepare.py", "--out", str(gpu), "--count", "3", "--lines-side", "320")
     assert re.search(r"^3 pages in .*MB each on average", text, re.M), text
     pages = sorted((gpu / "pages").iterdir())
     assert [p.suffix for p in pages] == [".jpg"] * 3
     assert (gpu / "models" / "manifest.json").is_file()
+    spec = json.loads((gpu / "models" / "lines.json").read_text())
+    assert (gpu / "models" / spec["model"]).is_file() and spec["input_hw"] == [320, 224]
     env = {**os.environ, "FOLIO_SHARED": str(CORPUS.parent), "DEVICE": "cpu", "OUT": str(out),
            "GPU_DIR": str(gpu), "BATCH": "2", "COUNT": "2", "REPEATS": "1",
-           "BATCH_SIZES": "1", "DOCLAYOUT_BATCH_SIZES": "", "PYTHON": sys.executable,
-           "PYTHONPATH": str(absent)}
+           "BATCH_SIZES": "1", "DOCLAYOUT_BATCH_SIZES": "", "LINES_COUNT": "2",
+           "LINES_BATCH": "2", "PYTHON": sys.executable, "PYTHONPATH": str(absent)}
     done = subprocess.run(["bash", str(PERF / "gpu" / "h200.sh")], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = (out / "summary.txt").read_text().splitlines()
-    assert [line.split()[0] for line in summary] == ["env", "bench", "agree", "memory", "crop"]
+    assert [line.split()[0] for line in summary] == ["env", "bench", "agree", "memory", "crop",
+                                                     "lines"]
     assert all(" rc=0 " in line for line in summary), summary
     agree = (out / "agree.txt").read_text()
     assert len(re.findall(r"3 of 3 pages agree box for box", agree)) == 2, agree
-    for name in ("bench", "agree", "memory", "crop"):
+    lines = (out / "lines.txt").read_text()
+    for precision in ("fp32", "bf16"):
+        for batch in (1, 2):
+            assert re.search(rf"^lines forward {precision} batch +{batch} on cpu: +[\d.]+ pages/s",
+                             lines, re.M), lines
+    assert "bf16 vs fp32 probability map: mean |diff|" in lines, lines
+    for name in ("bench", "agree", "memory", "crop", "lines"):
         assert json.loads((out / f"{name}.json").read_text()), name
     assert "no DALI" in (out / "env.txt").read_text()  # the guard was in force
 

@@ -20,11 +20,14 @@
 #            stage) and PP-DocLayoutV3 BF16 (memory.txt, memory.json)
 #   crop     perf/gpu/crop.py: crop + encode of the regions on the GPU vs the host path
 #            (crop.txt, crop.json)
+#   lines    perf/gpu/lines.py: the text-line detector's forward pass in torch, fp32 and
+#            BF16, pages/s and host CPU per page, BF16 against fp32 (lines.txt, lines.json)
 #
 # A dry run of the script itself on a CPU, with tiny sizes:
 #
 #     DEVICE=cpu OUT=/tmp/gpu-out GPU_DIR=/tmp/gpu BATCH=2 COUNT=4 REPEATS=1 \
-#         BATCH_SIZES=1,2 DOCLAYOUT_BATCH_SIZES=1 bash perf/gpu/h200.sh
+#         BATCH_SIZES=1,2 DOCLAYOUT_BATCH_SIZES=1 LINES_COUNT=2 LINES_BATCH=2 \
+#         bash perf/gpu/h200.sh
 set -u
 cd "$(dirname "$0")/../.."
 : "${OUT:?set OUT to the folder for the results}"
@@ -36,6 +39,8 @@ BATCH=${BATCH:-64}
 COUNT=${COUNT:-704}  # 11 full batches of 64: 32 passes over the 22 pages
 REPEATS=${REPEATS:-2}
 BATCH_SIZES=${BATCH_SIZES:-1,8,16,32,64}
+LINES_COUNT=${LINES_COUNT:-88}  # pages timed per precision and batch size
+LINES_BATCH=${LINES_BATCH:-8}
 DOCLAYOUT_BATCH_SIZES=${DOCLAYOUT_BATCH_SIZES-$BATCH_SIZES}  # empty: no PP-DocLayoutV3
 PYTHON=${PYTHON:-python3}
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
@@ -73,12 +78,16 @@ section bench 100 "$PYTHON" perf/bench_layout_gpu.py --device "$DEVICE" --pages 
 section agree 40 "$PYTHON" perf/gpu/check_postprocess.py --device "$DEVICE" --pages "$PAGES" \
     --model-dir "$MODELS" --batch-size 8 --json "$OUT/agree.json"
 
-section memory 90 "$PYTHON" perf/gpu/memory.py --device "$DEVICE" --pages "$PAGES" \
+section memory 80 "$PYTHON" perf/gpu/memory.py --device "$DEVICE" --pages "$PAGES" \
     --model-dir "$MODELS" --batch-sizes "$BATCH_SIZES" \
     --doclayout-batch-sizes "$DOCLAYOUT_BATCH_SIZES" --json "$OUT/memory.json"
 
-section crop 35 "$PYTHON" perf/gpu/crop.py --device "$DEVICE" --pages "$PAGES" \
+section crop 30 "$PYTHON" perf/gpu/crop.py --device "$DEVICE" --pages "$PAGES" \
     --model-dir "$MODELS" --batch-size 8 --repeats "$REPEATS" --json "$OUT/crop.json"
+
+section lines 30 "$PYTHON" perf/gpu/lines.py --device "$DEVICE" --pages "$PAGES" \
+    --model-dir "$MODELS" --count "$LINES_COUNT" --batch-size "$LINES_BATCH" \
+    --json "$OUT/lines.json"
 
 echo "=== summary"
 cat "$OUT/summary.txt"

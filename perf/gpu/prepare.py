@@ -3,7 +3,10 @@
 - ``pages/``: the corpus's pages as A4 300-dpi JPEGs (2480 x 3508, landscape pages
   3508 x 2480), the page fitted and centred on white: PDFs rendered by PDFium at the scale
   that fits, images resized to fit and re-encoded;
-- ``models/``: copies of the layout model artifacts (``manifest.json`` and TorchScript).
+- ``models/``: copies of the layout model artifacts (``manifest.json`` and TorchScript),
+  and the text-line detector's ONNX file with ``lines.json`` (its input size for an A4
+  page at ``lines.side_px``, by rapidocr's own resize; its mean, std and pixel threshold),
+  so ``perf/gpu/lines.py`` runs without rapidocr.
 
 The folder travels to the GPU machine with the working tree (``perf/gpu/h200.sh`` reads
 it); everything in it stays under ``--max-mib``.
@@ -17,6 +20,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from collections.abc import Iterator
@@ -30,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo: orches
 
 from corpus import CORPUS_PAGES
 
-from orchestrator.config import REPO_ROOT, LayoutConfig
+from orchestrator.config import REPO_ROOT, LayoutConfig, LinesConfig
 
 A4_PX = (2480, 3508)  # 210 x 297 mm at 300 dpi
 POINTS_PER_INCH = 72.0
@@ -85,6 +89,24 @@ def corpus_pages(folder: Path) -> Iterator[tuple[str, np.ndarray]]:
             yield path.stem, np.ascontiguousarray(rgb[:, :, ::-1])
 
 
+def write_lines_model(models_dir: Path, side_px: int) -> None:
+    """The text-line detector's ONNX file and what perf/gpu/lines.py needs to feed it."""
+    from dataclasses import replace
+
+    from orchestrator.config import LinesConfig
+    from orchestrator.stages.recognize import _rapidocr_models
+    from orchestrator.stages.textlines import DET_MODEL, LineDetector
+
+    cfg = replace(LinesConfig(), side_px=side_px)
+    det = LineDetector(cfg)._detector()
+    resized = det.get_preprocess().resize(np.zeros((A4_PX[1], A4_PX[0], 3), np.uint8))
+    shutil.copy2(_rapidocr_models() / DET_MODEL, models_dir / DET_MODEL)
+    (models_dir / "lines.json").write_text(json.dumps({
+        "model": DET_MODEL, "side_px": cfg.side_px, "input_hw": list(resized.shape[:2]),
+        "mean": [float(v) for v in det.mean], "std": [float(v) for v in det.std],
+        "pixel_threshold": cfg.pixel_threshold}, indent=2) + "\n")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO_ROOT / ".gpu")
@@ -94,6 +116,9 @@ def main() -> int:
     parser.add_argument("--quality", type=int, default=93,
                         help="JPEG quality (93: about 1.3 MB per corpus page)")
     parser.add_argument("--max-mib", type=float, default=55.0)
+    parser.add_argument("--lines-side", type=int, default=LinesConfig().side_px,
+                        help="lines.side_px for the detector's input size (a CPU dry run: "
+                             "smaller)")
     args = parser.parse_args()
 
     pages_dir, models_dir = args.out / "pages", args.out / "models"
@@ -114,6 +139,7 @@ def main() -> int:
     for path in sorted(args.model_dir.iterdir()):
         if path.suffix in (".json", ".pt"):
             shutil.copy2(path, models_dir / path.name)
+    write_lines_model(models_dir, args.lines_side)
     sizes = [p.stat().st_size for p in pages_dir.iterdir()]
     total = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())
     print(f"{written} pages in {pages_dir}: {sum(sizes) / 2**20:.1f} MiB, "
