@@ -59,7 +59,6 @@ class UnsupportedOnnxGraph(ValueError):
 # Clip and Resize took attributes (or other inputs) before opset 11; Split's sizes are an
 # attribute before 13 and an input from 13 on (both read).
 MIN_OPSET = 11
-SPLIT_SIZES_INPUT_OPSET = 13
 # Inputs that must be compile-time constants, by op: they become Python values.
 _STATIC_INPUTS: dict[str, frozenset[int]] = {
     "Reshape": frozenset({1}),
