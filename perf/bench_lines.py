@@ -28,7 +28,7 @@ from corpus import CORPUS_PAGES
 from orchestrator.config import DecodeConfig, FolioConfig, LinesConfig
 from orchestrator.stages.decode import Decoder
 from orchestrator.stages.sources import open_sources
-from orchestrator.stages.textlines import LineDetector
+from orchestrator.stages.textlines import LineDetector, TorchLineModel
 from orchestrator.types import EncodedPage
 
 
@@ -80,22 +80,21 @@ def host_share(detector: LineDetector, images: list[np.ndarray], rounds: int) ->
     (resize; DB post-processing of the map, here the OpenVINO map, which the torch
     engine's equals: tests/test_textlines.py)."""
     det = detector._detector()
+    upload = TorchLineModel.host_preprocess(det)
     cpu = {"whole": 0.0, "resize": 0.0, "post": 0.0}
     for _ in range(rounds):
         for image in images:
             start = time.thread_time()
             detector.detect(image)
             cpu["whole"] += time.thread_time() - start
-            pre = det.get_preprocess()
             start = time.thread_time()
-            resized = np.ascontiguousarray(pre.resize(image)[None])
+            upload()(image)  # what the torch engine does on the host before the upload
             cpu["resize"] += time.thread_time() - start
-            prob = det.session(pre(image))
+            prob = det.session(det.get_preprocess()(image))
             start = time.thread_time()
             boxes, _ = det.postprocess_op(prob, image.shape[:2])
             det.sorted_boxes(boxes)
             cpu["post"] += time.thread_time() - start
-            del resized
     pages = len(images) * rounds
     whole, host = cpu["whole"], cpu["resize"] + cpu["post"]
     print(f"host CPU/page, forward on the CPU ({detector.precision} OpenVINO): "
@@ -126,8 +125,7 @@ def decode_stage(pages: list[EncodedPage], rounds: int, workers: int) -> None:
         decoder.close()
     lines = {n: [getattr(getattr(p, "lines", None), "quads", None) for p in out]
              for n, out in found.items()}
-    differ = sum(not (a is None and b is None) and (a is None or b is None
-                                                    or not np.array_equal(a, b))
+    differ = sum(not (a is b or (a is not None and b is not None and np.array_equal(a, b)))
                  for a, b in zip(lines[1], lines[workers], strict=True))
     total = len(pages) * rounds
     for n, seconds in wall.items():

@@ -149,7 +149,8 @@ class TorchLineModel:
             torch.as_tensor(np.asarray(v, np.float32), device=self.device).view(1, 3, 1, 1)
             for v in (mean, std))
 
-    def host_preprocess(self, det: Any) -> Any:
+    @staticmethod
+    def host_preprocess(det: Any) -> Any:
         """What replaces ``det.get_preprocess``: rapidocr's own resize (its ``DetPreProcess``,
         sizes to multiples of 32 within ``limit_side_len``), and no float page on the host."""
         from rapidocr.ch_ppocr_det.utils import DetPreProcess

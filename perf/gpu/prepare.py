@@ -93,7 +93,6 @@ def write_lines_model(models_dir: Path, side_px: int) -> None:
     """The text-line detector's ONNX file and what perf/gpu/lines.py needs to feed it."""
     from dataclasses import replace
 
-    from orchestrator.config import LinesConfig
     from orchestrator.stages.recognize import _rapidocr_models
     from orchestrator.stages.textlines import DET_MODEL, LineDetector
 
